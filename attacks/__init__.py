@@ -1,0 +1,1 @@
+"""Attacks: each module registers one attack family in fedsim.registry.ATTACKS."""

@@ -1,0 +1,1 @@
+"""Defenses: each module registers one defense in fedsim.registry.DEFENSES."""

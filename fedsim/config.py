@@ -1,0 +1,313 @@
+"""The scenario: one validated, fully defaulted description of a run.
+
+A scenario file is YAML. Every field has a default and a description (`fedsim list` and
+`fedsim validate` show them). Plugin fields (dataset, partitioner, model, strategy, each
+defense and attack) are written as a name plus that plugin's own parameters, e.g.
+`model: {name: lenet, activation: sigmoid}` or just `model: lenet`; the parameters are
+validated against the plugin's `Params` when the file is loaded.
+
+`load_scenario(path, overrides)` is the front door: it reads the file, applies `--set a.b=c`
+overrides and turns every problem into a one-line `UserError` naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+
+from fedsim.errors import UserError
+from fedsim.registry import (
+    ATTACKS,
+    DATASETS,
+    DEFENSES,
+    MODELS,
+    PARTITIONERS,
+    STRATEGIES,
+    Registry,
+)
+
+
+class Section(BaseModel):
+    """A scenario section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class PluginSpec(BaseModel):
+    """A registered plugin's name and its validated parameters."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str
+    params: BaseModel
+
+    @model_serializer
+    def _flat(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params.model_dump(mode="json")}
+
+
+def _plugin_validator(registry: Registry[Any]) -> BeforeValidator:
+    def parse(value: Any) -> PluginSpec:
+        if isinstance(value, PluginSpec):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise ValueError(
+                f"expected a {registry.kind} name or a mapping with 'name'; "
+                f"allowed names: {', '.join(registry.names())}"
+            )
+        raw = dict(value)
+        name = raw.pop("name")
+        try:
+            plugin = registry.get(name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        try:
+            params = plugin.Params.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            allowed = ", ".join(plugin.Params.model_fields) or "none"
+            if first["type"] == "extra_forbidden":
+                raise ValueError(
+                    f"unknown parameter '{where}' for {registry.kind} '{name}'; "
+                    f"allowed: {allowed}"
+                ) from None
+            raise ValueError(f"{registry.kind} '{name}' parameter '{where}': {first['msg']}") from None
+        return PluginSpec(name=name, params=params)
+
+    return BeforeValidator(parse)
+
+
+DatasetSpec = Annotated[PluginSpec, _plugin_validator(DATASETS)]
+PartitionerSpec = Annotated[PluginSpec, _plugin_validator(PARTITIONERS)]
+ModelSpec = Annotated[PluginSpec, _plugin_validator(MODELS)]
+StrategySpec = Annotated[PluginSpec, _plugin_validator(STRATEGIES)]
+DefenseSpec = Annotated[PluginSpec, _plugin_validator(DEFENSES)]
+AttackSpec = Annotated[PluginSpec, _plugin_validator(ATTACKS)]
+
+
+class DataConfig(Section):
+    """Which data, how it is split between clients, and what is held out."""
+
+    dataset: DatasetSpec = Field("digits", description="registered dataset and its params")
+    partitioner: PartitionerSpec = Field("iid", description="how examples go to clients")
+    num_clients: int = Field(10, ge=1, le=100_000, description="number of partitions")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of all examples held out as the global test set"
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of each client's examples kept for validation"
+    )
+
+
+class TrainingConfig(Section):
+    """Local training on each client (what the server sends as hyper-parameters)."""
+
+    local_epochs: int = Field(1, ge=1, description="passes over the local data per round")
+    local_steps: int | None = Field(
+        None, ge=1, description="if set, exactly this many batches per round (overrides epochs)"
+    )
+    batch_size: int = Field(16, ge=1, description="local mini-batch size")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="local optimizer")
+    lr: float = Field(0.05, gt=0, description="local learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+
+
+class FederationConfig(Section):
+    """The server side: strategy, rounds and cohorts."""
+
+    strategy: StrategySpec = Field("fedavg", description="Flower strategy and its params")
+    rounds: int = Field(3, ge=1, le=100_000, description="federated rounds")
+    clients_per_round: int | None = Field(
+        None, ge=1, description="clients sampled per round (seeded); null = all clients"
+    )
+    evaluate_clients_per_round: int = Field(
+        0, ge=0, description="clients that evaluate on their validation split each round"
+    )
+
+
+class SimulationConfig(Section):
+    """How the federation is executed."""
+
+    engine: Literal["inline", "ray"] = Field(
+        "inline",
+        description="inline: one process, no Ray (fast, small runs); ray: Flower's simulation engine",
+    )
+    client_cpus: float = Field(1.0, gt=0, description="CPUs per client (Ray backend)")
+    client_gpus: float = Field(0.0, ge=0, description="GPUs per client, fractional allowed")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where clients train; cuda falls back to cpu with a message"
+    )
+    ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
+    torch_threads: int = Field(1, ge=1, description="torch threads per client process")
+
+
+class ObserverConfig(Section):
+    """What the honest-but-curious server records to disk for attacks."""
+
+    rounds: list[int] | Literal["all", "none"] = Field(
+        default_factory=lambda: [1], description="rounds to record ('all', 'none' or a list)"
+    )
+    clients: list[int] | Literal["all"] = Field(
+        default_factory=lambda: [0], description="partition ids to record ('all' or a list)"
+    )
+
+
+class OutputConfig(Section):
+    """Where run directories go."""
+
+    dir: Path = Field(Path("runs"), description="runs are written to DIR/<name>/<run-id>")
+    save_model: bool = Field(True, description="save the final global model as model.safetensors")
+
+
+class Scenario(Section):
+    """A complete fedsim run."""
+
+    name: str = Field("scenario", pattern=r"^[A-Za-z0-9_.-]+$", description="run family name")
+    description: str = Field("", description="free text, shown in reports")
+    seed: int = Field(0, ge=0, description="derives every other seed")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field("mlp", description="registered model and its params")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    observer: ObserverConfig = Field(default_factory=ObserverConfig)
+    defenses: list[DefenseSpec] = Field(default_factory=list, description="active defenses")
+    attacks: list[AttackSpec] = Field(
+        default_factory=list, description="attacks run on every recorded observation"
+    )
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        n = self.data.num_clients
+        if self.federation.clients_per_round is not None and self.federation.clients_per_round > n:
+            raise ValueError(
+                f"federation.clients_per_round={self.federation.clients_per_round} exceeds "
+                f"data.num_clients={n}"
+            )
+        if self.federation.evaluate_clients_per_round > n:
+            raise ValueError(
+                f"federation.evaluate_clients_per_round exceeds data.num_clients={n}"
+            )
+        if isinstance(self.observer.clients, list):
+            bad = [c for c in self.observer.clients if not 0 <= c < n]
+            if bad:
+                raise ValueError(f"observer.clients {bad} outside 0..{n - 1}")
+        if isinstance(self.observer.rounds, list):
+            bad = [r for r in self.observer.rounds if not 1 <= r <= self.federation.rounds]
+            if bad:
+                raise ValueError(f"observer.rounds {bad} outside 1..{self.federation.rounds}")
+        return self
+
+    @property
+    def cohort_size(self) -> int:
+        return self.federation.clients_per_round or self.data.num_clients
+
+    def observes(self, server_round: int, client: int) -> bool:
+        rounds, clients = self.observer.rounds, self.observer.clients
+        round_ok = rounds == "all" or (isinstance(rounds, list) and server_round in rounds)
+        return round_ok and (clients == "all" or client in clients)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line: the first problem's dotted field path and message."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "scenario"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field (check the spelling; `fedsim list` shows every field)"
+    elif first["type"] == "literal_error":
+        msg = f"{msg}, got {first['input']!r}"
+    more = len(err.errors()) - 1
+    return f"{where}: {msg}" + (f" (and {more} more)" if more else "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse 'a.b.0.c=value' into a path and a YAML-typed value."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set federation.rounds=5")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise UserError(f"--set {text!r}: empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `value` at the dotted `path` inside the raw scenario mapping."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"--set {'.'.join(path)}: no list item {part}")
+            node = node[int(part)]
+            continue
+        if isinstance(node.get(part), str):  # a plugin given by name only: expand it
+            node[part] = {"name": node[part]}
+        node = node.setdefault(part, [] if nxt.isdigit() else {})
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) > len(node):
+            raise UserError(f"--set {'.'.join(path)}: no list item {last}")
+        if int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, or a one-line UserError."""
+    if not path.is_file():
+        raise UserError(f"scenario file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}{line}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a scenario must be a YAML mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def build_scenario(data: dict[str, Any], overrides: list[str] = ()) -> Scenario:
+    """Validate a raw mapping plus `--set` overrides into a Scenario (UserError on failure)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def load_scenario(path: Path | str, overrides: list[str] = ()) -> Scenario:
+    """Read, override and validate a scenario file."""
+    return build_scenario(read_yaml(Path(path)), list(overrides))

@@ -1,0 +1,104 @@
+"""The three points where a defense can act, as small abstract hooks.
+
+A defense is one class registered in `fedsim.registry.DEFENSES` that subclasses exactly one of:
+
+- `TrainTimeDefense`: changes a client's local training (DP-SGD, MID's loss, ...);
+- `UpdateTimeDefense`: transforms the update a client sends (pruning, noise, quantisation);
+- `ServerTimeDefense`: changes aggregation by wrapping the Flower strategy (central DP, ...).
+
+Defenses are built once per process from their validated `Params`; whatever must survive
+between rounds of one client (an accountant's history) goes through the JSON-able `state`
+dict the client keeps in Flower's `Context.state`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from flwr.serverapp.strategy import Strategy
+from pydantic import BaseModel
+from torch import nn
+from torch.utils.data import DataLoader
+
+Stage = Literal["train", "update", "server"]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What a train-time defense may need to know about the local training it changes."""
+
+    num_examples: int
+    batch_size: int
+    local_epochs: int
+    local_steps: int | None
+    total_rounds: int
+    server_round: int
+    seed: int
+
+
+class Defense(ABC):
+    """Base of every defense; `stage` says where it acts."""
+
+    stage: ClassVar[Stage]
+    Params: ClassVar[type[BaseModel]]
+
+    def __init__(self, params: BaseModel) -> None:
+        self.params = params
+
+
+class TrainTimeDefense(Defense):
+    """Changes local training: gets the model, optimizer and loader before the first step."""
+
+    stage: ClassVar[Stage] = "train"
+
+    @abstractmethod
+    def prepare(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        training: LocalTraining,
+        state: dict[str, Any],
+    ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+        """Return the (possibly wrapped) model, optimizer and loader to train with."""
+
+    def loss(self, model: nn.Module, output: Any, target: torch.Tensor) -> torch.Tensor | None:
+        """An extra loss term added to the task loss, or None (the default)."""
+        return None
+
+    def finish(self, state: dict[str, Any]) -> dict[str, float]:
+        """Called after local training; updates `state` and returns metrics to report."""
+        return {}
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain model inside whatever `prepare` wrapped it in."""
+        return model
+
+
+class UpdateTimeDefense(Defense):
+    """Transforms the update (local weights minus global weights) a client sends."""
+
+    stage: ClassVar[Stage] = "update"
+
+    @abstractmethod
+    def transform(
+        self, update: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Return the defended update; `generator` is the only source of randomness."""
+
+
+class ServerTimeDefense(Defense):
+    """Changes aggregation by wrapping the strategy."""
+
+    stage: ClassVar[Stage] = "server"
+
+    @abstractmethod
+    def wrap(self, strategy: Strategy, cohort_size: int, total_rounds: int) -> Strategy:
+        """Return a strategy that aggregates with this defense."""
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        """Privacy metrics after `server_round` (e.g. the central-DP epsilon)."""
+        return {}

@@ -1,0 +1,1 @@
+"""Model factories: classical (and quantum, when PennyLane is installed)."""

@@ -1,0 +1,1 @@
+"""Flower strategies by name."""
