@@ -41,7 +41,7 @@ from fedsim.registry import (
 class Section(BaseModel):
     """A scenario section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 class PluginSpec(BaseModel):

@@ -102,3 +102,10 @@ class ServerTimeDefense(Defense):
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Privacy metrics after `server_round` (e.g. the central-DP epsilon)."""
         return {}
+
+
+def build_defenses(specs: list[Any]) -> list[Defense]:
+    """Instantiate the scenario's defense specs (name + validated params) in order."""
+    from fedsim.registry import DEFENSES
+
+    return [DEFENSES.get(spec.name)(spec.params) for spec in specs]

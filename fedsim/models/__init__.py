@@ -1,1 +1,27 @@
-"""Model factories: classical (and quantum, when PennyLane is installed)."""
+"""Model factories: classical (and quantum, when PennyLane is installed).
+
+Importing this package registers every model in `fedsim.registry.MODELS`. The quantum
+models are optional: they load only when PennyLane is installed and `quantum.py` exists.
+"""
+
+from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedsim.models import classical  # noqa: F401  (registers the classical models)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedsim.config import PluginSpec
+
+if find_spec("pennylane") is not None and (Path(__file__).parent / "quantum.py").exists():
+    import_module("fedsim.models.quantum")
+
+
+def build_model(spec: "PluginSpec", input_shape: tuple[int, ...], num_classes: int) -> "nn.Module":
+    """Instantiate the registered model named in a scenario for this dataset's shapes."""
+    from fedsim.registry import MODELS
+
+    return MODELS.get(spec.name)(spec.params, tuple(input_shape), num_classes)

@@ -1,0 +1,146 @@
+"""How close a reconstruction is to the client's real data: the only place ground truth is used.
+
+The runner calls these after an attack has returned, so no attack ever sees the truth.
+Images are (B, C, H, W) tensors in [0, 1]. An attack returns its batch in no particular
+order, so every score first pairs each true image with the reconstruction closest to it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+MAX_PSNR_DB = 100.0
+"""PSNR of identical images is +inf; it is reported as this finite ceiling instead, so means
+and JSON files stay finite. 100 dB is an MSE of 1e-10, far below float32 image noise."""
+
+SSIM_KERNEL = 11
+SSIM_SIGMA = 1.5
+"""Wang et al.'s standard SSIM window: an 11x11 Gaussian with sigma 1.5."""
+
+
+def pair_by_best_match(recon: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices `(truth_idx, recon_idx)`: `recon[recon_idx[i]]` is paired with `truth[truth_idx[i]]`.
+
+    Solves the assignment problem  min sum_i MSE(truth_i, recon_pi(i))  exactly (Hungarian
+    algorithm on the matrix of pairwise MSEs). When the client trained on more examples than
+    the attack reconstructs (several local batches), each reconstruction is paired with a
+    distinct true image and the unmatched true images are left out of the scores.
+    """
+    if recon.shape[1:] != truth.shape[1:]:
+        raise ValueError(f"cannot pair shapes {tuple(recon.shape)} and {tuple(truth.shape)}")
+    flat_truth = truth.detach().flatten(1).double().cpu()
+    flat_recon = recon.detach().flatten(1).double().cpu()
+    cost = torch.cdist(flat_truth, flat_recon).square() / flat_truth.shape[1]
+    rows, columns = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(columns, dtype=torch.long)
+
+
+def psnr_per_image(recon: Tensor, truth: Tensor) -> Tensor:
+    """PSNR = 10 log10(1 / MSE) in dB per image (data range 1), capped at `MAX_PSNR_DB`."""
+    psnr = peak_signal_noise_ratio(
+        recon, truth, data_range=1.0, reduction="none", dim=tuple(range(1, truth.dim()))
+    )
+    return psnr.clamp(max=MAX_PSNR_DB)
+
+
+def ssim_per_image(recon: Tensor, truth: Tensor) -> Tensor:
+    """SSIM per image (data range 1) with a Gaussian window that fits the image.
+
+    The standard 11x11 window is larger than an 8x8 digit (torchmetrics reflect-pads by half
+    the window, which must stay below the image size), so the window shrinks to the largest
+    odd size <= min(H, W, 11) and its sigma shrinks in proportion (1.5 * size / 11), keeping
+    the standard window's shape. Images of 11x11 and up get exactly the standard window.
+    As usual, the score averages only window positions that lie wholly inside the image (the
+    central 2x2 of an 8x8 digit); those windows still cover every pixel.
+    """
+    side = min(SSIM_KERNEL, *truth.shape[-2:])
+    kernel = side if side % 2 == 1 else side - 1
+    return structural_similarity_index_measure(
+        recon,
+        truth,
+        kernel_size=kernel,
+        sigma=SSIM_SIGMA * kernel / SSIM_KERNEL,
+        data_range=1.0,
+        reduction="none",
+    )
+
+
+def label_accuracy(recon_labels: Tensor, true_labels: Tensor) -> float:
+    """Fraction of the true labels recovered, as multisets: |recon ∩ truth| / |truth|.
+
+    Order-free, so it needs no pairing: the batch {3, 3, 7} recovered as {7, 3, 1} scores 2/3.
+    """
+    recovered = Counter(recon_labels.tolist()) & Counter(true_labels.tolist())
+    return sum(recovered.values()) / len(true_labels)
+
+
+def score_images(
+    recon: Tensor, truth: Tensor, recon_labels: Tensor, true_labels: Tensor
+) -> dict[str, float | list[float]]:
+    """Mean MSE, PSNR and SSIM over best-matched pairs, label accuracy, and PSNR per image.
+
+    `psnr_per_image` lists the paired PSNRs in the order of the (matched) true images.
+    """
+    truth_idx, recon_idx = pair_by_best_match(recon, truth)
+    recon = recon.detach().float().cpu()[recon_idx]
+    truth = truth.detach().float().cpu()[truth_idx]
+    mse = (recon - truth).square().flatten(1).mean(dim=1)
+    psnr = psnr_per_image(recon, truth)
+    return {
+        "mse": mse.mean().item(),
+        "psnr": psnr.mean().item(),
+        "ssim": ssim_per_image(recon, truth).mean().item(),
+        "label_accuracy": label_accuracy(recon_labels.cpu(), true_labels.cpu()[truth_idx]),
+        "psnr_per_image": psnr.tolist(),
+    }
+
+
+def save_image_grid(truth: Tensor, recon: Tensor, path: Path, title: str = "") -> None:
+    """Write a PNG: true images on the top row, their best-matched reconstructions below.
+
+    The file appears atomically (written beside `path`, then renamed over it), so a reader
+    never sees half an image.
+    """
+    truth_idx, recon_idx = pair_by_best_match(recon, truth)
+    recon = recon.detach().cpu()[recon_idx].clamp(0, 1)
+    truth = truth.detach().cpu()[truth_idx].clamp(0, 1)
+    count = truth.shape[0]
+    figure = Figure(figsize=(1.2 * count + 0.8, 3.0))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, count, squeeze=False)
+    for row, (name, images) in enumerate((("truth", truth), ("reconstruction", recon))):
+        for column, image in enumerate(images):
+            axis = axes[row][column]
+            if image.shape[0] == 1:
+                axis.imshow(image[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            else:
+                axis.imshow(image.permute(1, 2, 0).numpy())
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[row][0].set_ylabel(name)
+    if title:
+        figure.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            figure.savefig(file, format="png", dpi=100)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+

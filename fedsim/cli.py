@@ -1,0 +1,124 @@
+"""The `fedsim` command: run, validate, list, attack.
+
+Bad input (a scenario typo, an unknown name, a missing file) prints one line naming the
+field and the fix, and exits with code 2; results already written stay on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedsim.config import Scenario, load_scenario
+from fedsim.errors import UserError
+from fedsim.registry import ALL_REGISTRIES
+
+cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=__doc__.splitlines()[0])
+console = Console()
+
+ScenarioFile = Annotated[Path, typer.Argument(help="scenario YAML file")]
+Overrides = Annotated[
+    list[str] | None, typer.Option("--set", help="override a field: --set federation.rounds=5")
+]
+
+
+@cli.command()
+def run(
+    scenario_file: ScenarioFile,
+    overrides: Overrides = None,
+    run_dir: Annotated[Path | None, typer.Option(help="resume or write this run directory")] = None,
+) -> None:
+    """Train the federation, run the scenario's attacks, write the run directory."""
+    from fedsim.runner import run_scenario
+
+    scenario = load_scenario(scenario_file, overrides or [])
+    run_scenario(scenario, run_dir, console)
+
+
+@cli.command()
+def validate(scenario_file: ScenarioFile, overrides: Overrides = None) -> None:
+    """Check a scenario file and print it with every default filled in."""
+    scenario = load_scenario(scenario_file, overrides or [])
+    console.print(scenario.to_yaml(), markup=False)
+    console.print(f"[green]ok[/]: {scenario_file} is a valid scenario")
+
+
+@cli.command("list")
+def list_plugins() -> None:
+    """Every registered dataset, partitioner, model, strategy, attack and defense."""
+    for registry in ALL_REGISTRIES:
+        table = Table(title=f"{registry.kind}s", show_lines=False, title_justify="left")
+        for column in ("name", "parameters (default)", "what"):
+            table.add_column(column)
+        for name in registry.names():
+            fields = registry.get(name).Params.model_fields
+            params = ", ".join(f"{k}={f.default!r}" for k, f in fields.items()) or "-"
+            table.add_row(name, params, registry.describe(name))
+        console.print(table)
+    console.print("scenario fields: see `fedsim validate FILE` and README.md")
+
+
+@cli.command()
+def attack(
+    run_dir: Annotated[Path, typer.Argument(help="an existing run directory")],
+    attack_name: Annotated[str, typer.Option("--attack", help="registered attack name")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="attack parameter: --set iterations=100")
+    ] = None,
+) -> None:
+    """Run an attack on a finished run's observations, without retraining."""
+    from fedsim.config import build_scenario
+    from fedsim.results import RunDirectory
+    from fedsim.runner import attack_run, load_run_scenario, write_summary
+
+    run = RunDirectory(run_dir).require()
+    base = load_run_scenario(run)
+    raw = base.model_dump(mode="json")
+    raw["attacks"] = [{"name": attack_name}]
+    spec_overrides = [f"attacks.0.{o}" for o in overrides or []]
+    scenario: Scenario = build_scenario(raw, spec_overrides)
+    attack_run(run, base, scenario.attacks, console)
+    write_summary(run, base)
+
+
+def quiet_flower() -> None:
+    """Flower logs every message at INFO; fedsim prints its own per-round progress."""
+    import flwr  # noqa: F401  (creates Flower's logger and its console handler)
+
+    flower = logging.getLogger("flwr")
+    flower.setLevel(logging.WARNING)
+    flower.propagate = False
+
+
+def main() -> None:
+    """Console entry point: one-line errors with exit code 2 for bad input."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_flower()
+    try:
+        cli(standalone_mode=False)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as err:  # click's usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

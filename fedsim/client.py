@@ -1,0 +1,181 @@
+"""fedsim's Flower ClientApp: local training with train- and update-time defenses.
+
+Every train message carries the resolved scenario (`fedsim.scenario`, YAML text) next to the
+hyper-parameters, so a client needs nothing but the message: it runs the same under fedsim's
+inline engine, Flower's Ray simulation, a Ray cluster and `flwr run`. The client's partition
+is `node_config["partition-id"]`, as Flower's simulation assigns it.
+
+Replies carry one simulation-only record, `fedsim.truth` (the indices of the examples the
+client trained on, in order). The server's observer strips it from every reply before the
+strategy or any attacker sees the reply, and stores it only for scoring attacks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim.config import Scenario, build_scenario
+from fedsim.data import FederatedData, federated_data
+from fedsim.defense import (
+    LocalTraining,
+    TrainTimeDefense,
+    UpdateTimeDefense,
+    build_defenses,
+)
+from fedsim.device import resolve_device, set_threads
+from fedsim.models import build_model
+from fedsim.seeding import torch_generator
+from fedsim.training import LocalHyperParams, evaluate, train_locally
+
+SCENARIO_KEY = "fedsim.scenario"
+TRUTH_KEY = "fedsim.truth"
+
+app = ClientApp()
+
+
+@dataclass
+class ClientSetup:
+    """Everything a client process builds once per scenario and reuses for every call."""
+
+    scenario: Scenario
+    data: FederatedData
+    device: torch.device
+    train_defenses: list[TrainTimeDefense]
+    update_defenses: list[UpdateTimeDefense]
+
+    def new_model(self) -> torch.nn.Module:
+        return build_model(self.scenario.model, self.data.input_shape, self.data.num_classes)
+
+
+@lru_cache(maxsize=4)
+def client_setup(scenario_yaml: str) -> ClientSetup:
+    scenario = build_scenario(yaml.safe_load(scenario_yaml))
+    set_threads(scenario.simulation.torch_threads)
+    defenses = build_defenses(scenario.defenses)
+    return ClientSetup(
+        scenario=scenario,
+        data=federated_data(scenario.data, scenario.seed),
+        device=resolve_device(scenario.simulation.device),
+        train_defenses=[d for d in defenses if isinstance(d, TrainTimeDefense)],
+        update_defenses=[d for d in defenses if isinstance(d, UpdateTimeDefense)],
+    )
+
+
+def partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _defense_state(context: Context, index: int) -> dict[str, Any]:
+    """A train-time defense's per-client state, persisted in Flower's Context.state."""
+    record = context.state.get(f"fedsim.defense.{index}")
+    return json.loads(record["json"]) if record is not None else {}
+
+
+def _store_defense_state(context: Context, index: int, state: dict[str, Any]) -> None:
+    context.state[f"fedsim.defense.{index}"] = ConfigRecord({"json": json.dumps(state)})
+
+
+@app.query()
+def identify(message: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (node ids are random per run)."""
+    identity = ConfigRecord({"partition-id": partition_id(context)})
+    return Message(RecordDict({"identity": identity}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    config = message.content["config"]
+    setup = client_setup(str(config[SCENARIO_KEY]))
+    scenario, pid = setup.scenario, partition_id(context)
+    server_round = int(config["server-round"])
+    train_data, _ = setup.data.client(pid)
+
+    model = setup.new_model()
+    global_state = message.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(global_state)
+    hp = LocalHyperParams.from_config(config)
+    training = LocalTraining(
+        num_examples=len(train_data),
+        batch_size=hp.batch_size,
+        local_epochs=hp.local_epochs,
+        local_steps=hp.local_steps or None,
+        total_rounds=scenario.federation.rounds,
+        server_round=server_round,
+        seed=scenario.seed,
+    )
+    states = [_defense_state(context, i) for i in range(len(setup.train_defenses))]
+    result = train_locally(
+        model,
+        train_data,
+        hp,
+        training,
+        generator=torch_generator(scenario.seed, "batches", server_round, pid),
+        defenses=setup.train_defenses,
+        states=states,
+        device=setup.device,
+    )
+    for i, state in enumerate(states):
+        _store_defense_state(context, i, state)
+    for defense in setup.train_defenses:
+        model = defense.unwrap(model)
+
+    sent = defended_weights(setup, model, global_state, server_round, pid)
+    metrics = {
+        "num-examples": result.num_examples,
+        "partition-id": pid,
+        "train-loss": result.mean_loss,
+        "local-steps": result.steps,
+        **result.metrics,
+    }
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(sent),
+            "metrics": MetricRecord(metrics),
+            TRUTH_KEY: ConfigRecord({"batches": json.dumps(result.batches)}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def defended_weights(
+    setup: ClientSetup,
+    model: torch.nn.Module,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    pid: int,
+) -> dict[str, torch.Tensor]:
+    """Global weights plus the update after every update-time defense has transformed it."""
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not setup.update_defenses:
+        return local
+    floating = {k for k, v in local.items() if v.is_floating_point()}
+    update = {k: local[k] - global_state[k] for k in floating}
+    generator = torch_generator(setup.scenario.seed, "update-defense", server_round, pid)
+    for defense in setup.update_defenses:
+        update = defense.transform(update, generator)
+    return {k: global_state[k] + update[k] if k in floating else v for k, v in local.items()}
+
+
+@app.evaluate()
+def evaluate_on_validation(message: Message, context: Context) -> Message:
+    config = message.content["config"]
+    setup = client_setup(str(config[SCENARIO_KEY]))
+    _, val_data = setup.data.client(partition_id(context))
+    model = setup.new_model()
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    result = evaluate(model, val_data, setup.device)
+    metrics = {
+        "num-examples": result["num-examples"],
+        "partition-id": partition_id(context),
+        "val-loss": result["loss"],
+        "val-accuracy": result["accuracy"],
+    }
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

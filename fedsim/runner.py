@@ -1,0 +1,216 @@
+"""From a scenario to a finished run directory: train, attack, summarise.
+
+Each stage is skipped when its output is already on disk, so re-running the same command
+on the same run directory resumes: a finished training is not repeated, a finished attack
+on an observation is not recomputed, and a half-done training restarts cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from attacks.metrics import save_image_grid, score_images
+from fedsim.attack import GradientTarget
+from fedsim.config import PluginSpec, Scenario, build_scenario, read_yaml
+from fedsim.data import FederatedData, federated_data
+from fedsim.device import set_threads
+from fedsim.errors import UserError
+from fedsim.models import build_model
+from fedsim.observer import Observation, load_ground_truth, load_observations
+from fedsim.registry import ATTACKS
+from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json, read_json
+from fedsim.seeding import derive_seed
+from fedsim.simulation import run_federation
+
+
+def scenario_hash(scenario: Scenario) -> str:
+    return hashlib.sha256(scenario.to_yaml().encode()).hexdigest()[:8]
+
+
+def prepare_run_directory(scenario: Scenario, run_dir: str | Path | None = None) -> RunDirectory:
+    """A new run directory, or `run_dir` to resume if it holds this same scenario."""
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = scenario.output.dir / scenario.name / f"{stamp}-{scenario_hash(scenario)}"
+    run = RunDirectory(run_dir)
+    if run.scenario_path.exists():
+        if run.scenario_path.read_text() != scenario.to_yaml():
+            raise UserError(
+                f"'{run.root}' holds a different scenario; pick another --run-dir "
+                "or use `fedsim attack` to attack an existing run"
+            )
+        return run
+    atomic_write_bytes(run.scenario_path, scenario.to_yaml().encode())
+    return run
+
+
+def load_run_scenario(run: RunDirectory) -> Scenario:
+    return build_scenario(read_yaml(run.require().scenario_path))
+
+
+def run_scenario(scenario: Scenario, run_dir: str | Path | None = None, console: Console | None = None) -> RunDirectory:
+    """Train (unless done), run the scenario's attacks (unless done), write summary.json."""
+    console = console or Console()
+    set_threads(scenario.simulation.torch_threads)
+    run = prepare_run_directory(scenario, run_dir)
+    console.print(f"[bold]fedsim[/] {scenario.name} -> {run.root}")
+    if run.training_done:
+        console.print("training already finished; skipping to attacks")
+    else:
+        run.reset_training()
+        run_federation(scenario, run, on_round=lambda r: console.print(round_line(r, scenario)))
+    attack_run(run, scenario, scenario.attacks, console)
+    summary = write_summary(run, scenario)
+    console.print(summary_table(summary))
+    return run
+
+
+def round_line(record: dict[str, Any], scenario: Scenario) -> str:
+    parts = [
+        f"round {record['round']:>3}/{scenario.federation.rounds}",
+        f"test acc {record['test_accuracy']:.3f}",
+        f"loss {record['test_loss']:.3f}",
+    ]
+    if "max_client_epsilon" in record:
+        parts.append(f"client eps {record['max_client_epsilon']:.2f}")
+    if "central_epsilon" in record:
+        parts.append(f"central eps {record['central_epsilon']:.2f}")
+    parts.append(f"{record['elapsed_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def gradient_target(observation: Observation, scenario: Scenario, data: FederatedData) -> GradientTarget:
+    """What the server saw of one client, as an attack's input (no ground truth in it)."""
+    model = build_model(scenario.model, data.input_shape, data.num_classes)
+    try:
+        model.load_state_dict(observation.global_state)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise UserError(
+            f"observation round {observation.server_round} client {observation.client} does not "
+            f"fit model '{scenario.model.name}' ({reason}); attack it with its own scenario"
+        ) from None
+    update = observation.update
+    missing = [name for name, _ in model.named_parameters() if name not in update]
+    if missing:
+        raise UserError(f"observation round {observation.server_round} lacks parameters {missing[:3]}")
+    return GradientTarget(
+        model=model,
+        update=update,
+        num_examples=observation.num_examples,
+        lr=observation.hyperparams.lr,
+        local_steps=observation.local_steps,
+        batch_size=observation.hyperparams.batch_size,
+        input_shape=tuple(data.input_shape),
+        num_classes=data.num_classes,
+        server_round=observation.server_round,
+        client=observation.client,
+    )
+
+
+def ground_truth(run: RunDirectory, observation: Observation, data: FederatedData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples the observed client trained on (scoring only; never given to attacks)."""
+    batches = load_ground_truth(run.root, observation.server_round, observation.client)
+    indices = list(dict.fromkeys(i for batch in batches for i in batch))
+    train, _ = data.client(observation.client)
+    subset = train.subset(indices)
+    return subset.x, subset.y
+
+
+def attack_run(run: RunDirectory, scenario: Scenario, specs: list[PluginSpec], console: Console) -> list[dict[str, Any]]:
+    """Run every attack in `specs` on every recorded observation; skip what is done."""
+    if not specs:
+        return []
+    observations = load_observations(run.root)
+    if not observations:
+        raise UserError(
+            f"'{run.root}' has no recorded observations; set observer.rounds and observer.clients"
+        )
+    data = federated_data(scenario.data, scenario.seed)
+    results = []
+    for spec in specs:
+        attack = ATTACKS.get(spec.name)(spec.params, seed=derive_seed(scenario.seed, "attack", spec.name))
+        out_dir = run.attacks_dir / spec.name
+        for observation in observations:
+            stem = f"round_{observation.server_round:04d}_client_{observation.client:04d}"
+            result_path = out_dir / f"{stem}.json"
+            params = spec.model_dump(mode="json")
+            if result_path.exists() and read_json(result_path)["attack"] == params:
+                results.append(read_json(result_path))
+                continue
+            started = time.perf_counter()
+            recon = attack.reconstruct(gradient_target(observation, scenario, data))
+            seconds = time.perf_counter() - started
+            truth_x, truth_y = ground_truth(run, observation, data)
+            scores = score_images(recon.images, truth_x, recon.labels, truth_y)
+            save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
+            record = {
+                "attack": params,
+                "threat_model": attack.threat_model,
+                "round": observation.server_round,
+                "client": observation.client,
+                "attack_loss": recon.attack_loss,
+                "seconds": round(seconds, 3),
+                **scores,
+            }
+            atomic_write_json(result_path, record)
+            console.print(
+                f"attack {spec.name} on round {observation.server_round} client {observation.client}: "
+                f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}, "
+                f"label acc {scores['label_accuracy']:.2f} ({seconds:.1f} s)"
+            )
+            results.append(record)
+    return results
+
+
+def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
+    """Utility, privacy spent and leakage of the run, from the files on disk."""
+    rounds = list(run.metrics())
+    last = rounds[-1] if rounds else {}
+    summary: dict[str, Any] = {
+        "scenario": scenario.name,
+        "run_dir": str(run.root),
+        "training": read_json(run.training_path) if run.training_done else None,
+        "privacy": {k: last[k] for k in last if k.endswith("epsilon")},
+        "defenses": [d.model_dump(mode="json") for d in scenario.defenses],
+        "attacks": {},
+    }
+    for attack_dir in sorted(run.attacks_dir.glob("*")) if run.attacks_dir.exists() else []:
+        records = [read_json(p) for p in sorted(attack_dir.glob("*.json"))]
+        if records:
+            summary["attacks"][attack_dir.name] = {
+                "targets": len(records),
+                **{
+                    key: sum(r[key] for r in records) / len(records)
+                    for key in ("mse", "psnr", "ssim", "label_accuracy", "attack_loss")
+                },
+            }
+    atomic_write_json(run.summary_path, summary)
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"fedsim summary: {summary['scenario']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    training = summary["training"] or {}
+    for key in ("final_test_accuracy", "best_test_accuracy", "wall_time_s"):
+        if key in training:
+            table.add_row(key.replace("_", " "), f"{training[key]:.3f}")
+    for key, value in summary["privacy"].items():
+        table.add_row(key.replace("_", " "), f"{value:.3f}")
+    for name, scores in summary["attacks"].items():
+        table.add_row(
+            f"{name} ({scores['targets']} targets)",
+            f"PSNR {scores['psnr']:.1f} dB  SSIM {scores['ssim']:.3f}  labels {scores['label_accuracy']:.2f}",
+        )
+    table.add_row("run directory", summary["run_dir"])
+    return table

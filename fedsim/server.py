@@ -1,0 +1,143 @@
+"""fedsim's Flower ServerApp: the strategy loop, the observer and per-round metrics.
+
+`serve(grid, scenario, run)` is the whole server. The module-level `app` reads the scenario
+path from the run config, for `flwr run` (see pyproject's `[tool.flwr.app]`);
+`make_server_app` binds a scenario and run directory in-process for fedsim's own engines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save
+
+from fedsim.client import SCENARIO_KEY
+from fedsim.config import Scenario, load_scenario
+from fedsim.data import federated_data
+from fedsim.defense import ServerTimeDefense, build_defenses
+from fedsim.models import build_model
+from fedsim.observer import ObservingGrid
+from fedsim.registry import STRATEGIES
+from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
+from fedsim.sampling import SeededCohorts
+from fedsim.training import LocalHyperParams, evaluate
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def train_config(scenario: Scenario) -> dict[str, Any]:
+    """What the server sends with every train/evaluate message: hyper-parameters + scenario."""
+    t = scenario.training
+    hp = LocalHyperParams(
+        lr=t.lr,
+        batch_size=t.batch_size,
+        local_epochs=t.local_epochs,
+        local_steps=t.local_steps or 0,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+    )
+    return {**hp.to_config(), SCENARIO_KEY: scenario.to_yaml()}
+
+
+def initial_model(scenario: Scenario) -> torch.nn.Module:
+    """The global model before round 1, seeded by the scenario."""
+    data = federated_data(scenario.data, scenario.seed)
+    torch.manual_seed(scenario.seed)
+    return build_model(scenario.model, data.input_shape, data.num_classes)
+
+
+def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
+    """Run every federated round of `scenario`, writing `run` as it goes."""
+    data = federated_data(scenario.data, scenario.seed)
+    model = initial_model(scenario)
+    view = ObservingGrid(grid, scenario, run)
+
+    spec = scenario.federation.strategy
+    evaluate_size = scenario.federation.evaluate_clients_per_round
+    strategy = STRATEGIES.get(spec.name).build(spec.params, evaluate=evaluate_size > 0)
+    server_defenses = [d for d in build_defenses(scenario.defenses) if isinstance(d, ServerTimeDefense)]
+    for defense in server_defenses:
+        strategy = defense.wrap(strategy, scenario.cohort_size, scenario.federation.rounds)
+    strategy = SeededCohorts(
+        strategy, scenario.seed, scenario.data.num_clients, scenario.cohort_size, evaluate_size
+    )
+
+    started = time.perf_counter()
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        test = evaluate(model, data.test)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "elapsed_s": round(time.perf_counter() - started, 3),
+            "clients": view.round_client_metrics.get(server_round, []),
+        }
+        for defense in server_defenses:
+            record.update({f"central_{k}": v for k, v in defense.round_metrics(server_round).items()})
+        epsilons = [c["epsilon"] for c in record["clients"] if "epsilon" in c]
+        if epsilons:
+            record["max_client_epsilon"] = max(epsilons)
+        run.append_metrics(record)
+        if on_round is not None:
+            on_round(record)
+        return MetricRecord({"accuracy": test["accuracy"], "loss": test["loss"]})
+
+    config = ConfigRecord(train_config(scenario))
+    result = strategy.start(
+        grid=view,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=scenario.federation.rounds,
+        train_config=config,
+        evaluate_config=config,
+        evaluate_fn=evaluate_global,
+    )
+    final = result.arrays.to_torch_state_dict()
+    if scenario.output.save_model:
+        contiguous = {k: v.contiguous() for k, v in final.items()}
+        atomic_write_bytes(run.model_path, save(contiguous))
+    last = list(run.metrics())[-1]
+    atomic_write_json(
+        run.training_path,
+        {
+            "final_test_accuracy": last["test_accuracy"],
+            "best_test_accuracy": max(r["test_accuracy"] for r in run.metrics()),
+            "rounds": scenario.federation.rounds,
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+        },
+    )
+
+
+def make_server_app(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> ServerApp:
+    """A ServerApp bound to one scenario and run directory (fedsim's own engines)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, scenario, run, on_round)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry for `flwr run .`: run config keys `scenario` (a file) and optional `run-dir`."""
+    from fedsim.runner import prepare_run_directory
+
+    scenario = load_scenario(Path(str(context.run_config["scenario"])))
+    run = prepare_run_directory(scenario, str(context.run_config.get("run-dir", "")) or None)
+    if not run.training_done:
+        serve(grid, scenario, run)

@@ -1,0 +1,142 @@
+"""How a federation is executed: the one module that knows Flower's engines.
+
+Two engines run the same ServerApp (`fedsim.server`) and ClientApp (`fedsim.client`):
+
+- `inline`: `InlineGrid` calls the ClientApp directly in this process, node after node.
+  No Ray start-up and no serialisation, so small studies and tests run in seconds; client
+  exceptions surface with their own traceback.
+- `ray`: Flower's simulation engine (`flwr.simulation.run_simulation`, Ray backend) with
+  `client_cpus` / fractional `client_gpus` per ClientApp, on a local Ray instance or an
+  existing cluster (`ray_address`).
+
+The deployment engine needs nothing here: `flwr run .` loads `fedsim.server:app` and
+`fedsim.client:app` as declared in pyproject.toml. When Flower changes its engine API,
+this is the file to update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from itertools import count
+from typing import Any
+from uuid import uuid4
+
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsim import client
+from fedsim.config import Scenario
+from fedsim.results import RunDirectory
+from fedsim.server import RoundCallback, make_server_app, serve
+
+log = logging.getLogger("fedsim")
+
+
+class InlineGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process (no SuperLink, no Ray).
+
+    Each node keeps its own Flower `Context` (with `partition-id` in its node config and a
+    persistent `state`), exactly as a simulated SuperNode would.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        self.contexts = {
+            node_id: Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for pid, node_id in zip(range(num_nodes), count(start=1001))
+        }
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message_id = str(uuid4())
+            message.metadata.__dict__["_message_id"] = message_id  # as Flower's InMemoryGrid does
+            node_id = message.metadata.dst_node_id
+            TaskIdentity.node_id = node_id
+            try:
+                self.replies[message_id] = self.client_app(message, self.contexts[node_id])
+            finally:
+                TaskIdentity.node_id = SUPERLINK_NODE_ID
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_inline(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    grid = InlineGrid(client.app, scenario.data.num_clients)
+    serve(grid, scenario, run, on_round)
+
+
+def ray_backend_config(scenario: Scenario) -> dict[str, Any]:
+    """Flower's backend config: per-ClientApp resources and Ray init arguments."""
+    sim = scenario.simulation
+    gpus = sim.client_gpus
+    if gpus > 0 and not torch.cuda.is_available() and sim.ray_address is None:
+        log.warning(
+            "simulation.client_gpus=%s but no CUDA GPU is visible; running clients on CPU "
+            "(set client_gpus: 0 to silence this)", gpus,
+        )
+        gpus = 0.0
+    init_args = {"address": sim.ray_address} if sim.ray_address else {"num_cpus": os.cpu_count() or 1}
+    return {
+        "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": gpus},
+        "init_args": init_args,
+    }
+
+
+def run_ray(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(scenario.simulation.torch_threads))
+    run_simulation(
+        server_app=make_server_app(scenario, run, on_round),
+        client_app=client.app,
+        num_supernodes=scenario.data.num_clients,
+        backend_config=ray_backend_config(scenario),
+    )
+    if not run.training_done:
+        raise RuntimeError(
+            "the Flower simulation ended without finishing training; see the log above"
+        )
+
+
+def run_federation(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
+    """Train the federation of `scenario` with its configured engine."""
+    if scenario.simulation.engine == "ray":
+        run_ray(scenario, run, on_round)
+    else:
+        run_inline(scenario, run, on_round)

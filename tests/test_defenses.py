@@ -1,0 +1,379 @@
+"""Defenses measured against their definitions: clipping bound, noise scale, composed epsilon."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from pydantic import ValidationError
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from defenses.central_dp import CentralDpFixed
+from defenses.dp_sgd import HISTORY_KEY, DpSgd
+from defenses.pruning import TopK
+from fedsim.defense import LocalTraining
+from fedsim.errors import UserError
+from fedsim.registry import DEFENSES
+
+N, BATCH, FEATURES, CLASSES = 64, 8, 10, 3
+SAMPLE_RATE = BATCH / N  # Opacus's 1 / len(loader)
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Secure RNG turned off",
+    "ignore:Optimal order is the",
+    "ignore:GDP accounting",
+    "ignore:Full backward hook is firing",  # Opacus's hooks on a first layer; harmless
+)
+
+
+def training(server_round: int = 1, total_rounds: int = 3) -> LocalTraining:
+    return LocalTraining(
+        num_examples=N,
+        batch_size=BATCH,
+        local_epochs=1,
+        local_steps=None,
+        total_rounds=total_rounds,
+        server_round=server_round,
+        seed=server_round,
+    )
+
+
+def client_objects(
+    seed: int, scale: float = 1.0
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+    """A fresh model, optimizer and loader, as a Flower client builds them every round."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+    data = TensorDataset(scale * torch.randn(N, FEATURES), torch.randint(0, CLASSES, (N,)))
+    loader = DataLoader(data, batch_size=BATCH, generator=torch.Generator().manual_seed(seed))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05), loader
+
+
+def train_round(defense: DpSgd, state: dict, server_round: int, total_rounds: int = 3) -> dict:
+    """prepare -> one local epoch -> finish; `state` goes through JSON like Context.state."""
+    model, optimizer, loader = client_objects(server_round)
+    model, optimizer, loader = defense.prepare(
+        model, optimizer, loader, training(server_round, total_rounds), state
+    )
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    metrics = defense.finish(state)
+    state.update(json.loads(json.dumps(state)))
+    return metrics
+
+
+# --- dp_sgd -------------------------------------------------------------------------------
+
+
+def test_registered() -> None:
+    assert DEFENSES.get("dp_sgd") is DpSgd
+    assert DEFENSES.get("topk") is TopK
+    assert DEFENSES.get("central_dp_fixed") is CentralDpFixed
+
+
+def test_per_sample_gradients_are_clipped_to_max_grad_norm() -> None:
+    C = 0.5
+    defense = DpSgd(DpSgd.Params(noise_multiplier=0.0, max_grad_norm=C))
+    plain, optimizer, loader = client_objects(seed=0, scale=20.0)  # large inputs: norms > C
+    reference = copy.deepcopy(plain)
+    model, optimizer, loader = defense.prepare(plain, optimizer, loader, training(), {})
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(model(x), y).backward()
+    params = list(plain.parameters())
+
+    # Opacus's per-sample gradients are the real ones (trap 2 says to check this).
+    for i in range(len(x)):
+        loss_i = nn.functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1])
+        for p, g in zip(params, torch.autograd.grad(loss_i, list(reference.parameters()))):
+            torch.testing.assert_close(p.grad_sample[i], g, rtol=1e-4, atol=1e-6)
+
+    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params]).norm(dim=0)
+    clip = (C / (norms + 1e-6)).clamp(max=1.0)  # Opacus's flat clipping factor
+    assert norms.max() > 2 * C  # clipping is active
+    assert (norms * clip).max() <= C + 1e-5
+    expected_sum = [torch.einsum("i,i...->...", clip, p.grad_sample) for p in params]
+
+    optimizer.step()
+    summed = torch.cat([p.summed_grad.flatten() for p in params])
+    torch.testing.assert_close(summed, torch.cat([g.flatten() for g in expected_sum]))
+    assert summed.norm() <= len(x) * C + 1e-5
+    # sigma = 0: the step's gradient is the clipped sum over the expected batch size.
+    for p, g in zip(params, expected_sum):
+        torch.testing.assert_close(p.grad, g / BATCH)
+
+
+def test_noise_std_is_sigma_times_c_over_batch() -> None:
+    sigma, C = 2.0, 0.5
+    defense = DpSgd(DpSgd.Params(noise_multiplier=sigma, max_grad_norm=C))
+    model = nn.Linear(500, 200, bias=False)  # 100,000 coordinates
+    data = TensorDataset(torch.randn(N, 500), torch.zeros(N))
+    loader = DataLoader(data, batch_size=BATCH)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer, loader = defense.prepare(model, optimizer, loader, training(), {})
+    x, _ = next(iter(loader))
+    (0.0 * model(x)).sum().backward()  # every per-sample gradient is zero: p.grad is pure noise
+    optimizer.step()
+    noise = model._module.weight.grad
+    expected_std = sigma * C / BATCH
+    assert abs(noise.std().item() / expected_std - 1) < 0.05
+    assert abs(noise.mean().item()) < 0.05 * expected_std
+
+
+def independent_rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Epsilon from Opacus's RDP analysis functions directly, not through an accountant."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    return rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_epsilon_composes_over_rounds(accountant: str) -> None:
+    sigma, delta = 1.0, 1e-5
+    defense = DpSgd(DpSgd.Params(noise_multiplier=sigma, delta=delta, accountant=accountant))
+    state: dict = {}
+    epsilons = [train_round(defense, state, r)["epsilon"] for r in (1, 2, 3)]
+
+    steps = 3 * (N // BATCH)
+    assert state[HISTORY_KEY] == [[sigma, SAMPLE_RATE, steps]]
+    reference = create_accountant(accountant)
+    reference.history = [(sigma, SAMPLE_RATE, steps)]
+    assert epsilons[2] == pytest.approx(reference.get_epsilon(delta=delta), rel=0.01)
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    if accountant == "rdp":
+        assert epsilons[2] == pytest.approx(
+            independent_rdp_epsilon(sigma, SAMPLE_RATE, steps, delta), rel=0.01
+        )
+        # What a per-round engine (Flower's Opacus example) would report in round 3.
+        assert epsilons[0] == pytest.approx(
+            independent_rdp_epsilon(sigma, SAMPLE_RATE, steps // 3, delta), rel=0.01
+        )
+
+
+def test_target_epsilon_is_reached_after_total_rounds() -> None:
+    target = 3.0
+    defense = DpSgd(DpSgd.Params(noise_multiplier=None, target_epsilon=target))
+    state: dict = {}
+    epsilons = [train_round(defense, state, r, total_rounds=4)["epsilon"] for r in (1, 2, 3, 4)]
+    assert epsilons[-1] <= target
+    assert epsilons[-1] == pytest.approx(target, rel=0.05)
+
+
+def test_plain_model_can_be_wrapped_again_after_finish() -> None:
+    defense = DpSgd(DpSgd.Params())
+    plain, optimizer, loader = client_objects(seed=0)
+    state: dict = {}
+    for server_round in (1, 2):
+        model, opt, dl = defense.prepare(plain, optimizer, loader, training(server_round), state)
+        x, y = next(iter(dl))
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        defense.finish(state)
+        assert defense.unwrap(model) is plain
+    assert not hasattr(plain[0].weight, "grad_sample")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_modes_pass_the_per_sample_check_with_dropout(mode: str) -> None:
+    defense = DpSgd(DpSgd.Params(grad_sample_mode=mode))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.Dropout(0.5), nn.Linear(16, CLASSES))
+    _, _, loader = client_objects(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    defense.prepare(model, optimizer, loader, training(), {})
+    defense.finish({})
+
+
+def test_batchnorm_is_refused_with_the_fix() -> None:
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.Linear(16, CLASSES))
+    _, _, loader = client_objects(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(UserError, match="BatchNorm.*norm: group"):
+        DpSgd(DpSgd.Params()).prepare(model, optimizer, loader, training(), {})
+
+
+def test_params_refuse_ghost_and_two_noise_sources() -> None:
+    with pytest.raises(ValidationError, match="ghost clipping"):
+        DpSgd.Params(grad_sample_mode="ghost")
+    with pytest.raises(ValidationError, match="exactly one"):
+        DpSgd.Params(noise_multiplier=1.0, target_epsilon=2.0)
+    with pytest.raises(ValidationError, match="exactly one"):
+        DpSgd.Params(noise_multiplier=None)
+
+
+def test_quantum_layer_with_zero_per_sample_gradients_is_refused() -> None:
+    """Trap 2: Opacus returns all-zero per-sample gradients for a PennyLane TorchLayer."""
+    qml = pytest.importorskip("pennylane")
+    device = qml.device("default.qubit", wires=2)
+
+    @qml.qnode(device, interface="torch", diff_method="backprop")
+    def circuit(inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        qml.AngleEmbedding(inputs, wires=[0, 1])
+        qml.BasicEntanglerLayers(weights, wires=[0, 1])
+        return qml.expval(qml.PauliZ(0) @ qml.PauliZ(1))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(qml.qnn.TorchLayer(circuit, {"weights": (2, 2)}))
+    loader = DataLoader(TensorDataset(torch.rand(16, 2), torch.rand(16)), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(UserError, match="wrong per-example gradients"):
+        DpSgd(DpSgd.Params()).prepare(model, optimizer, loader, training(), {})
+
+
+# --- topk ---------------------------------------------------------------------------------
+
+
+def random_update() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "conv.bias": torch.randn(8, generator=g),
+        "fc.weight": torch.randn(10, 50, generator=g),
+        "scalar": torch.randn((), generator=g),
+        "steps": torch.tensor([7, 3]),  # integer buffer: never pruned
+    }
+
+
+def assert_kept_are_largest(original: torch.Tensor, pruned: torch.Tensor, count: int) -> None:
+    kept = pruned != 0
+    assert int(kept.sum()) == count
+    assert torch.equal(pruned[kept], original[kept])
+    if not kept.all():
+        assert original[kept].abs().min() >= original[~kept].abs().max()
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.37, 1.0])
+def test_topk_per_tensor_keeps_exactly_the_largest(fraction: float) -> None:
+    update = random_update()
+    pruned = TopK(TopK.Params(keep_fraction=fraction)).transform(update, torch.Generator())
+    for name in ("conv.weight", "conv.bias", "fc.weight", "scalar"):
+        n = update[name].numel()
+        assert_kept_are_largest(update[name], pruned[name], max(1, round(fraction * n)))
+    assert torch.equal(pruned["steps"], update["steps"])
+
+
+def test_topk_global_keeps_exactly_the_largest_overall() -> None:
+    update = random_update()
+    defense = TopK(TopK.Params(keep_fraction=0.05, scope="global"))
+    pruned = defense.transform(update, torch.Generator())
+    names = ["conv.weight", "conv.bias", "fc.weight", "scalar"]
+    flat = torch.cat([update[n].flatten() for n in names])
+    flat_pruned = torch.cat([pruned[n].flatten() for n in names])
+    assert_kept_are_largest(flat, flat_pruned, round(0.05 * flat.numel()))
+    assert torch.equal(pruned["steps"], update["steps"])
+
+
+# --- central_dp_fixed ---------------------------------------------------------------------
+
+
+class FakeGrid:
+    """Just enough of a Grid for FedAvg.configure_train: three connected nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages need the run/node identity that Flower's ServerApp runtime sets."""
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def run_round(
+    strategy: DifferentialPrivacyServerSideFixedClipping,
+    server_round: int,
+    updates: list[torch.Tensor],
+    weights: tuple[int, ...] = (10, 10, 10),
+) -> torch.Tensor:
+    """configure_train -> client replies (global zeros + update) -> aggregate_train."""
+    global_arrays = ArrayRecord({"w": torch.zeros(4)})
+    messages = strategy.configure_train(server_round, global_arrays, ConfigRecord(), FakeGrid())
+    replies = [
+        Message(
+            RecordDict(
+                {"arrays": ArrayRecord({"w": u}), "metrics": MetricRecord({"num-examples": n})}
+            ),
+            reply_to=message,
+        )
+        for message, u, n in zip(messages, updates, weights, strict=True)
+    ]
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    return arrays.to_torch_state_dict()["w"]
+
+
+def gaussian_epsilon(sigma: float, releases: int, delta: float) -> float:
+    """Closed form RDP of `releases` Gaussian mechanisms, T * a / (2 sigma^2), to (eps, delta)."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = [releases * a / (2 * sigma**2) for a in orders]
+    return rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+
+
+def test_central_dp_wraps_fedavg_and_clips_each_client(server_identity: None) -> None:
+    defense = CentralDpFixed(CentralDpFixed.Params(noise_multiplier=1e-6, clipping_norm=1.0))
+    strategy = defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=2)
+    assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
+    updates = [
+        torch.tensor([100.0, 0, 0, 0]),
+        torch.tensor([0, 0.5, 0, 0]),
+        torch.tensor([0, 0, 0.3, 0]),
+    ]
+    # The first update is clipped to norm 1, the others are within the bound.
+    expected = torch.tensor([1.0, 0.5, 0.3, 0.0]) / 3
+    torch.testing.assert_close(run_round(strategy, 1, updates), expected, atol=1e-5, rtol=0)
+
+
+def test_central_dp_epsilon_grows_with_rounds(server_identity: None) -> None:
+    sigma, delta = 2.0, 1e-5
+    defense = CentralDpFixed(CentralDpFixed.Params(noise_multiplier=sigma, delta=delta))
+    strategy = defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=3)
+    assert defense.round_metrics(0) == {"epsilon": 0.0}
+    epsilons = []
+    for server_round in (1, 2, 3):
+        run_round(strategy, server_round, [torch.ones(4)] * 3)
+        epsilons.append(defense.round_metrics(server_round)["epsilon"])
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    for releases, epsilon in enumerate(epsilons, start=1):
+        assert epsilon == pytest.approx(gaussian_epsilon(sigma, releases, delta), rel=1e-9)
+    assert strategy.privacy_spent().num_releases == 3
+
+
+def test_central_dp_refuses_unequal_client_weights(server_identity: None) -> None:
+    """Flower's accounted mode: the noise covers a client's share only if all weigh 1/m."""
+    defense = CentralDpFixed(CentralDpFixed.Params())
+    strategy = defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=1)
+    with pytest.raises(ValueError, match="equal client weights"):
+        run_round(strategy, 1, [torch.ones(4)] * 3, weights=(10, 20, 30))
+
+
+def test_central_dp_matches_flowers_rdp_accountant() -> None:
+    """Flower's own RDP backend, where its optional dependency (flwr[dp]) is installed."""
+    pytest.importorskip("dp_accounting")
+    from flwr.serverapp import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    from defenses.central_dp import OpacusRdpAccountant
+
+    config = PrivacyConfig(
+        1e-5, 10, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION
+    )
+    flower, ours = RdpAccountant(config), OpacusRdpAccountant(config)
+    for accountant in (flower, ours):
+        accountant.compose(GaussianPrivacyEvent(1.5, 10, 10), count=20)
+    assert ours.get_epsilon(1e-5) == pytest.approx(flower.get_epsilon(1e-5), rel=0.01)
+    assert math.isfinite(ours.get_epsilon(1e-5))
