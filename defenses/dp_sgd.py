@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader
 from fedsim.defense import LocalTraining, TrainTimeDefense
 from fedsim.errors import UserError
 from fedsim.registry import DEFENSES
-from fedsim.seeding import torch_generator
 
 HISTORY_KEY = "dp_sgd_history"
 PROBE_EXAMPLES = 4
@@ -110,7 +109,7 @@ class DpSgd(TrainTimeDefense):
         except ImportError as err:
             raise UserError(f"dp_sgd.secure_mode: {err}") from None
         engine.accountant.history = [tuple(entry) for entry in state.get(HISTORY_KEY, [])]
-        probe = _probe_inputs(loader)
+        probe = _probe_inputs(loader).to(next(model.parameters()).device)
         expected = _batch_gradients(model, probe)
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model,
@@ -120,7 +119,7 @@ class DpSgd(TrainTimeDefense):
             max_grad_norm=p.max_grad_norm,
             poisson_sampling=p.poisson_sampling,
             grad_sample_mode=p.grad_sample_mode,
-            noise_generator=None if p.secure_mode else torch_generator(training.seed, "dp_sgd"),
+            noise_generator=None if p.secure_mode else _noise_generator(loader, probe.device),
         )
         _check_per_sample_gradients(private_model, private_optimizer, probe, expected)
         self._engine, self._model = engine, private_model
@@ -169,6 +168,19 @@ def _refuse_unsupported_layers(model: nn.Module) -> None:
         )
 
 
+def _noise_generator(loader: DataLoader, device: torch.device) -> torch.Generator | None:
+    """A noise stream as reproducible as the batches: seeded by a draw from the loader's RNG.
+
+    Not from `LocalTraining.seed`: that is the scenario's seed, the same for every client and
+    round, and noise repeated across updates cancels in their differences. A loader without a
+    generator gets None (Opacus then draws from the global RNG).
+    """
+    if loader.generator is None:
+        return None
+    seed = int(torch.randint(2**62, (), generator=loader.generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def _probe_inputs(loader: DataLoader) -> torch.Tensor:
     """The inputs of the first few examples, collated without touching the loader's RNG."""
     dataset = loader.dataset
@@ -179,7 +191,6 @@ def _probe_inputs(loader: DataLoader) -> torch.Tensor:
 def _batch_gradients(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of `model(inputs).sum()`, under a fixed seed so random layers repeat."""
     params = [p for p in model.parameters() if p.requires_grad]
-    inputs = inputs.to(params[0].device)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return list(torch.autograd.grad(model(inputs).sum(), params, materialize_grads=True))
@@ -198,7 +209,7 @@ def _check_per_sample_gradients(
     """
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model(inputs.to(expected[0].device)).sum().backward()
+        model(inputs).sum().backward()
     named = [(name, p) for name, p in model._module.named_parameters() if p.requires_grad]
     # Opacus scales per-sample gradients by the batch size for a mean-reduced loss.
     wrong = [

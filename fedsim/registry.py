@@ -88,7 +88,7 @@ MODELS: Registry[Any] = Registry(
     "model", "cls(params, input_shape, num_classes) -> torch.nn.Module"
 )
 STRATEGIES: Registry[Any] = Registry(
-    "strategy", "build(params, cohort_size) -> flwr.serverapp.strategy.Strategy"
+    "strategy", "build(params) -> flwr.serverapp.strategy.Strategy (takes every node it is shown)"
 )
 ATTACKS: Registry[Any] = Registry("attack", "cls(params) -> attacks.base.Attack")
 DEFENSES: Registry[Any] = Registry("defense", "cls(params) -> fedsim.defense.Defense")

@@ -62,7 +62,7 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
 
     spec = scenario.federation.strategy
     evaluate_size = scenario.federation.evaluate_clients_per_round
-    strategy = STRATEGIES.get(spec.name).build(spec.params, evaluate=evaluate_size > 0)
+    strategy = STRATEGIES.get(spec.name).build(spec.params)
     server_defenses = [d for d in build_defenses(scenario.defenses) if isinstance(d, ServerTimeDefense)]
     for defense in server_defenses:
         strategy = defense.wrap(strategy, scenario.cohort_size, scenario.federation.rounds)

@@ -14,15 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedsim.registry import STRATEGIES, NoParams
 
 
-def take_all_nodes(evaluate: bool) -> dict[str, Any]:
-    """Sampling arguments that make a Flower strategy use every node it is shown."""
-    return {
-        "fraction_train": 1.0,
-        "fraction_evaluate": 1.0 if evaluate else 0.0,
-        "min_train_nodes": 1,
-        "min_evaluate_nodes": 1 if evaluate else 0,
-        "min_available_nodes": 1,
-    }
+TAKE_ALL_NODES: dict[str, Any] = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 1.0,
+    "min_train_nodes": 1,
+    "min_evaluate_nodes": 1,
+    "min_available_nodes": 1,
+}
+"""Sampling arguments that make a Flower strategy use every node it is shown."""
 
 
 class FlowerStrategy:
@@ -32,8 +31,8 @@ class FlowerStrategy:
     Params: ClassVar[type[BaseModel]]
 
     @classmethod
-    def build(cls, params: BaseModel, evaluate: bool) -> Strategy:
-        return cls.flower_class(**take_all_nodes(evaluate), **params.model_dump())
+    def build(cls, params: BaseModel) -> Strategy:
+        return cls.flower_class(**TAKE_ALL_NODES, **params.model_dump())
 
 
 @STRATEGIES.register("fedavg")

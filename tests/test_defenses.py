@@ -113,21 +113,33 @@ def test_per_sample_gradients_are_clipped_to_max_grad_norm() -> None:
         torch.testing.assert_close(p.grad, g / BATCH)
 
 
-def test_noise_std_is_sigma_times_c_over_batch() -> None:
-    sigma, C = 2.0, 0.5
+def pure_noise_step(sigma: float, C: float, loader_seed: int) -> torch.Tensor:
+    """The gradient of one DP-SGD step whose per-sample gradients are all zero: only noise."""
     defense = DpSgd(DpSgd.Params(noise_multiplier=sigma, max_grad_norm=C))
     model = nn.Linear(500, 200, bias=False)  # 100,000 coordinates
     data = TensorDataset(torch.randn(N, 500), torch.zeros(N))
-    loader = DataLoader(data, batch_size=BATCH)
+    generator = torch.Generator().manual_seed(loader_seed)
+    loader = DataLoader(data, batch_size=BATCH, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer, loader = defense.prepare(model, optimizer, loader, training(), {})
     x, _ = next(iter(loader))
-    (0.0 * model(x)).sum().backward()  # every per-sample gradient is zero: p.grad is pure noise
+    (0.0 * model(x)).sum().backward()
     optimizer.step()
-    noise = model._module.weight.grad
+    return model._module.weight.grad
+
+
+def test_noise_std_is_sigma_times_c_over_batch() -> None:
+    sigma, C = 2.0, 0.5
+    noise = pure_noise_step(sigma, C, loader_seed=0)
     expected_std = sigma * C / BATCH
     assert abs(noise.std().item() / expected_std - 1) < 0.05
     assert abs(noise.mean().item()) < 0.05 * expected_std
+
+
+def test_noise_is_reproducible_per_loader_and_differs_between_loaders() -> None:
+    """Every client and round has its own batch generator, so its own noise stream."""
+    assert torch.equal(pure_noise_step(1.0, 1.0, 1), pure_noise_step(1.0, 1.0, 1))
+    assert not torch.equal(pure_noise_step(1.0, 1.0, 1), pure_noise_step(1.0, 1.0, 2))
 
 
 def independent_rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
