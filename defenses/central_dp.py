@@ -83,7 +83,12 @@ class CentralDpFixed(ServerTimeDefense):
     def wrap(
         self, strategy: Strategy, cohort_size: int, total_rounds: int
     ) -> DifferentialPrivacyServerSideFixedClipping:
-        """Flower's wrapper in accounted mode; every round must aggregate exactly `cohort_size`."""
+        """Flower's wrapper in accounted mode; every round must aggregate exactly `cohort_size`.
+
+        Client-level DP weighs every client equally, so the inner strategy averages by the
+        constant `unit-weight` each fedsim client reports instead of by example counts.
+        """
+        strategy.weighted_by_key = "unit-weight"
         accountant = OpacusRdpAccountant(
             PrivacyConfig(
                 target_delta=self.params.delta,

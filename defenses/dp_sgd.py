@@ -215,7 +215,7 @@ def _check_per_sample_gradients(
     wrong = [
         name
         for (name, p), want in zip(named, expected, strict=True)
-        if p.grad_sample is None
+        if getattr(p, "grad_sample", None) is None
         or not torch.allclose(
             p.grad_sample.sum(0) / len(inputs), want, rtol=1e-3, atol=1e-5 * want.abs().max()
         )

@@ -130,6 +130,7 @@ def train(message: Message, context: Context) -> Message:
     sent = defended_weights(setup, model, global_state, server_round, pid)
     metrics = {
         "num-examples": result.num_examples,
+        "unit-weight": 1,  # for strategies that weigh clients equally (client-level DP)
         "partition-id": pid,
         "train-loss": result.mean_loss,
         "local-steps": result.steps,

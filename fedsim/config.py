@@ -12,6 +12,7 @@ overrides and turns every problem into a one-line `UserError` naming the field.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -227,16 +228,48 @@ class Scenario(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed in the scenario section at `loc` (empty if not a section)."""
+    model: Any = Scenario
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _is_union_tag(part: Any) -> bool:
+    """Pydantic names each member of a union in the location, e.g. 'list[int]'."""
+    return isinstance(part, str) and bool(re.fullmatch(r"[\w-]+\[.*\]", part))
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line: the first problem's dotted field path and message."""
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "scenario"
-    msg = first["msg"].removeprefix("Value error, ")
+    errors = err.errors()
+    first = errors[0]
+
+    def loc(error: Any) -> tuple[Any, ...]:
+        return tuple(p for p in error["loc"] if not _is_union_tag(p))
+
+    where = ".".join(str(p) for p in loc(first)) or "scenario"
+    # a value that fits no member of a union fails once per member: report them together
+    same = [e for e in errors if loc(e) == loc(first) and e["type"] != "extra_forbidden"]
+    msg = ", or ".join(
+        e["msg"].removeprefix("Value error, ").removeprefix("Input should be " if i else "")
+        for i, e in enumerate(same or [first])
+    )
     if first["type"] == "extra_forbidden":
-        msg = "unknown field (check the spelling; `fedsim list` shows every field)"
-    elif first["type"] == "literal_error":
+        allowed = _section_fields(loc(first)[:-1])
+        msg = "unknown field (check the spelling)" + (
+            f"; allowed: {', '.join(allowed)}" if allowed else ""
+        )
+        same = [first]
+    elif (first["type"] == "literal_error" or len(same) > 1) and not isinstance(
+        first["input"], (dict, list)
+    ):
         msg = f"{msg}, got {first['input']!r}"
-    more = len(err.errors()) - 1
+    more = len(errors) - max(len(same), 1)
     return f"{where}: {msg}" + (f" (and {more} more)" if more else "")
 
 
@@ -257,26 +290,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     """Set `value` at the dotted `path` inside the raw scenario mapping."""
     node: Any = data
-    for i, part in enumerate(path[:-1]):
-        nxt = path[i + 1]
+    for i, part in enumerate(path):
+        key: Any = part
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not part.isdigit() or int(part) > len(node) or (
+                int(part) == len(node) and i < len(path) - 1
+            ):
                 raise UserError(f"--set {'.'.join(path)}: no list item {part}")
-            node = node[int(part)]
-            continue
-        if isinstance(node.get(part), str):  # a plugin given by name only: expand it
-            node[part] = {"name": node[part]}
-        node = node.setdefault(part, [] if nxt.isdigit() else {})
-    last = path[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) > len(node):
-            raise UserError(f"--set {'.'.join(path)}: no list item {last}")
-        if int(last) == len(node):
-            node.append(value)
-        else:
-            node[int(last)] = value
-    else:
-        node[last] = value
+            key = int(part)
+            if key == len(node):  # the last item plus one: append
+                node.append(None)
+        elif not isinstance(node, dict):
+            raise UserError(
+                f"--set {'.'.join(path)}: '{'.'.join(path[:i])}' is a value ({node!r}), "
+                "not a section"
+            )
+        if i == len(path) - 1:
+            node[key] = value
+            return
+        child = node.get(key) if isinstance(node, dict) else node[key]
+        if child is None:
+            child = [] if path[i + 1].isdigit() else {}
+        elif isinstance(child, str):  # a plugin given by name only: expand it
+            child = {"name": child}
+        node[key] = child
+        node = child
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

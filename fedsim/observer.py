@@ -25,6 +25,7 @@ On disk (safetensors: tensors plus a JSON header, nothing executable is ever unp
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +133,14 @@ class ObservingGrid(GridView):
             self._record_train_round(messages[0].content, replies)
         return replies
 
-    def _discover_partitions(self) -> dict[int, int]:
-        nodes = list(self.inner.get_node_ids())
+    def _discover_partitions(self, wait_s: float = 600.0) -> dict[int, int]:
+        """Ask every node which partition it holds, once all of them have connected."""
+        expected = self.scenario.data.num_clients
+        deadline = time.monotonic() + wait_s
+        while len(nodes := list(self.inner.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {expected} client nodes connected")
+            time.sleep(0.2)
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         replies = self.inner.send_and_receive(queries, timeout=600)
         mapping = {

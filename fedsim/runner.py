@@ -125,17 +125,16 @@ def ground_truth(run: RunDirectory, observation: Observation, data: FederatedDat
     return subset.x, subset.y
 
 
-def attack_run(run: RunDirectory, scenario: Scenario, specs: list[PluginSpec], console: Console) -> list[dict[str, Any]]:
+def attack_run(run: RunDirectory, scenario: Scenario, specs: list[PluginSpec], console: Console) -> None:
     """Run every attack in `specs` on every recorded observation; skip what is done."""
     if not specs:
-        return []
+        return
     observations = load_observations(run.root)
     if not observations:
         raise UserError(
             f"'{run.root}' has no recorded observations; set observer.rounds and observer.clients"
         )
     data = federated_data(scenario.data, scenario.seed)
-    results = []
     for spec in specs:
         attack = ATTACKS.get(spec.name)(spec.params, seed=derive_seed(scenario.seed, "attack", spec.name))
         out_dir = run.attacks_dir / spec.name
@@ -144,12 +143,16 @@ def attack_run(run: RunDirectory, scenario: Scenario, specs: list[PluginSpec], c
             result_path = out_dir / f"{stem}.json"
             params = spec.model_dump(mode="json")
             if result_path.exists() and read_json(result_path)["attack"] == params:
-                results.append(read_json(result_path))
+                continue
+            truth_x, truth_y = ground_truth(run, observation, data)
+            if len(truth_x) == 0:  # e.g. every Poisson-sampled DP-SGD batch came out empty
+                console.print(f"attack {spec.name}: round {observation.server_round} client "
+                              f"{observation.client} trained on no examples; nothing to score")
+                atomic_write_json(result_path, {"attack": params, "skipped": "no training examples"})
                 continue
             started = time.perf_counter()
             recon = attack.reconstruct(gradient_target(observation, scenario, data))
             seconds = time.perf_counter() - started
-            truth_x, truth_y = ground_truth(run, observation, data)
             scores = score_images(recon.images, truth_x, recon.labels, truth_y)
             save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
             record = {
@@ -167,8 +170,8 @@ def attack_run(run: RunDirectory, scenario: Scenario, specs: list[PluginSpec], c
                 f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}, "
                 f"label acc {scores['label_accuracy']:.2f} ({seconds:.1f} s)"
             )
-            results.append(record)
-    return results
+
+
 
 
 def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
@@ -184,7 +187,7 @@ def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
         "attacks": {},
     }
     for attack_dir in sorted(run.attacks_dir.glob("*")) if run.attacks_dir.exists() else []:
-        records = [read_json(p) for p in sorted(attack_dir.glob("*.json"))]
+        records = [r for p in sorted(attack_dir.glob("*.json")) if "psnr" in (r := read_json(p))]
         if records:
             summary["attacks"][attack_dir.name] = {
                 "targets": len(records),

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -27,6 +28,7 @@ from fedsim.observer import ObservingGrid
 from fedsim.registry import STRATEGIES
 from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
 from fedsim.sampling import SeededCohorts
+from fedsim.seeding import derive_seed
 from fedsim.training import LocalHyperParams, evaluate
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -58,6 +60,8 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     """Run every federated round of `scenario`, writing `run` as it goes."""
     data = federated_data(scenario.data, scenario.seed)
     model = initial_model(scenario)
+    # Flower's central-DP wrappers draw their noise from numpy's global generator.
+    np.random.seed(derive_seed(scenario.seed, "server-noise") % 2**32)
     view = ObservingGrid(grid, scenario, run)
 
     spec = scenario.federation.strategy

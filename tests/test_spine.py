@@ -132,3 +132,49 @@ def test_cuda_request_falls_back_to_cpu(tmp_path: Path, caplog: pytest.LogCaptur
     run_dir = run(tmp_path, "a", simulation={"device": "cuda"}, federation={"rounds": 1})
     assert run_dir.training_done
     assert "training on CPU instead" in caplog.text
+
+
+DLG_SETUP = {
+    "model": {"name": "lenet"},
+    "training": {"batch_size": 1, "local_steps": 1, "lr": 0.1},
+    "federation": {"rounds": 2, "clients_per_round": 2},
+    "observer": {"rounds": [1], "clients": "all"},
+    "attacks": [{"name": "dlg", "iterations": 100}],
+}
+
+
+def attacked(tmp_path: Path, name: str, defenses: list[dict]) -> tuple[RunDirectory, dict]:
+    run_dir = run(tmp_path, name, defenses=defenses, **DLG_SETUP)
+    return run_dir, json.loads(run_dir.summary_path.read_text())
+
+
+def test_train_time_dp_sgd_composes_epsilon_and_stops_dlg(tmp_path: Path) -> None:
+    _, plain = attacked(tmp_path, "plain", [])
+    run_dir, summary = attacked(
+        tmp_path, "dp", [{"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}]
+    )
+    rounds = list(run_dir.metrics())
+    assert rounds[2]["max_client_epsilon"] > 0
+    assert summary["privacy"]["max_client_epsilon"] == rounds[2]["max_client_epsilon"]
+    assert plain["attacks"]["dlg"]["psnr"] > 30
+    assert summary["attacks"]["dlg"]["psnr"] < 15
+
+
+def test_update_time_topk_sends_exactly_the_kept_fraction(tmp_path: Path) -> None:
+    run_dir, summary = attacked(tmp_path, "topk", [{"name": "topk", "keep_fraction": 0.1}])
+    for observation in load_observations(run_dir.root):
+        for name, update in observation.update.items():
+            kept = int(torch.count_nonzero(update))
+            assert kept <= max(1, round(0.1 * update.numel())), name
+    assert summary["attacks"]["dlg"]["psnr"] < 30
+
+
+def test_server_time_central_dp_reports_epsilon_but_server_still_sees_raw_updates(tmp_path: Path) -> None:
+    _, plain = attacked(tmp_path, "plain", [])
+    run_dir, summary = attacked(
+        tmp_path, "central", [{"name": "central_dp_fixed", "noise_multiplier": 1.0, "clipping_norm": 1.0}]
+    )
+    rounds = list(run_dir.metrics())
+    assert 0 < rounds[1]["central_epsilon"] < rounds[2]["central_epsilon"]
+    # Central DP protects the released model, not the clients from the server itself.
+    assert summary["attacks"]["dlg"]["psnr"] == pytest.approx(plain["attacks"]["dlg"]["psnr"], abs=1e-6)
