@@ -57,12 +57,12 @@ def validate(scenario_file: ScenarioFile, overrides: Overrides = None) -> None:
 def list_plugins() -> None:
     """Every registered dataset, partitioner, model, strategy, attack and defense."""
     for registry in ALL_REGISTRIES:
-        table = Table(title=f"{registry.kind}s", show_lines=False, title_justify="left")
+        table = Table(title=registry.plural, show_lines=False, title_justify="left")
         for column in ("name", "parameters (default)", "what"):
             table.add_column(column)
         for name in registry.names():
             fields = registry.get(name).Params.model_fields
-            params = ", ".join(f"{k}={f.default!r}" for k, f in fields.items()) or "-"
+            params = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in fields.items()) or "-"
             table.add_row(name, params, registry.describe(name))
         console.print(table)
     console.print("scenario fields: see `fedsim validate FILE` and README.md")

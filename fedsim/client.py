@@ -86,7 +86,12 @@ def _store_defense_state(context: Context, index: int, state: dict[str, Any]) ->
 @app.query()
 def identify(message: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random per run)."""
-    identity = ConfigRecord({"partition-id": partition_id(context)})
+    identity = ConfigRecord(
+        {
+            "partition-id": partition_id(context),
+            "num-partitions": int(context.node_config["num-partitions"]),
+        }
+    )
     return Message(RecordDict({"identity": identity}), reply_to=message)
 
 

@@ -133,22 +133,27 @@ class ObservingGrid(GridView):
             self._record_train_round(messages[0].content, replies)
         return replies
 
-    def _discover_partitions(self, wait_s: float = 600.0) -> dict[int, int]:
+    def _discover_partitions(self, wait_s: float = 120.0) -> dict[int, int]:
         """Ask every node which partition it holds, once all of them have connected."""
         expected = self.scenario.data.num_clients
         deadline = time.monotonic() + wait_s
-        while len(nodes := list(self.inner.get_node_ids())) < expected:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(nodes)} of {expected} client nodes connected")
-            time.sleep(0.2)
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        replies = self.inner.send_and_receive(queries, timeout=600)
-        mapping = {
-            r.metadata.src_node_id: int(r.content["identity"]["partition-id"])
-            for r in replies
-        }
-        if len(mapping) != len(nodes):
-            raise RuntimeError(f"only {len(mapping)} of {len(nodes)} nodes said which partition they hold")
+        mapping: dict[int, int] = {}
+        while len(mapping) < expected:
+            nodes = [n for n in self.inner.get_node_ids() if n not in mapping]
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+            for reply in self.inner.send_and_receive(queries, timeout=wait_s):
+                identity = reply.content["identity"]
+                if int(identity["num-partitions"]) != expected:
+                    raise UserError(
+                        f"the federation has {identity['num-partitions']} client nodes but "
+                        f"data.num_clients={expected}; make them equal (under `flwr run`: "
+                        f"flwr federation simulation-config ... --num-supernodes {expected})"
+                    )
+                mapping[reply.metadata.src_node_id] = int(identity["partition-id"])
+            if len(mapping) < expected and time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(mapping)} of {expected} client nodes connected")
+            if len(mapping) < expected:
+                time.sleep(0.2)
         return mapping
 
     def _record_train_round(self, sent: RecordDict, replies: list[Message]) -> None:

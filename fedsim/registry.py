@@ -33,6 +33,7 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str, convention: str) -> None:
         self.kind = kind
+        self.plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
         self.convention = convention
         self._plugins: dict[str, T] = {}
 

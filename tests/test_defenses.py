@@ -314,7 +314,7 @@ def run_round(
     replies = [
         Message(
             RecordDict(
-                {"arrays": ArrayRecord({"w": u}), "metrics": MetricRecord({"num-examples": n})}
+                {"arrays": ArrayRecord({"w": u}), "metrics": MetricRecord({"num-examples": n, "unit-weight": 1})}
             ),
             reply_to=message,
         )
@@ -360,12 +360,14 @@ def test_central_dp_epsilon_grows_with_rounds(server_identity: None) -> None:
     assert strategy.privacy_spent().num_releases == 3
 
 
-def test_central_dp_refuses_unequal_client_weights(server_identity: None) -> None:
-    """Flower's accounted mode: the noise covers a client's share only if all weigh 1/m."""
-    defense = CentralDpFixed(CentralDpFixed.Params())
-    strategy = defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=1)
-    with pytest.raises(ValueError, match="equal client weights"):
-        run_round(strategy, 1, [torch.ones(4)] * 3, weights=(10, 20, 30))
+def test_central_dp_weighs_clients_equally_whatever_their_example_counts(server_identity: None) -> None:
+    """Flower's accounted mode needs every client to weigh 1/m: fedsim averages by unit weight."""
+    defense = CentralDpFixed(CentralDpFixed.Params(noise_multiplier=1.0, clipping_norm=1.0))
+    inner = FedAvg(min_train_nodes=3, min_available_nodes=3)
+    strategy = defense.wrap(inner, 3, total_rounds=1)
+    assert inner.weighted_by_key == "unit-weight"
+    run_round(strategy, 1, [torch.ones(4)] * 3, weights=(10, 20, 30))
+    assert defense.round_metrics(1)["epsilon"] > 0
 
 
 def test_central_dp_matches_flowers_rdp_accountant() -> None:

@@ -178,3 +178,20 @@ def test_server_time_central_dp_reports_epsilon_but_server_still_sees_raw_update
     assert 0 < rounds[1]["central_epsilon"] < rounds[2]["central_epsilon"]
     # Central DP protects the released model, not the clients from the server itself.
     assert summary["attacks"]["dlg"]["psnr"] == pytest.approx(plain["attacks"]["dlg"]["psnr"], abs=1e-6)
+
+
+@pytest.mark.ray
+def test_ray_engine_gives_the_inline_numbers(tmp_path: Path) -> None:
+    changes = {"data": {"dataset": "digits", "num_clients": 4}, "federation": {"rounds": 2, "clients_per_round": 2}}
+    inline = metrics_without_time(run(tmp_path, "inline", **changes))
+    on_ray = metrics_without_time(run(tmp_path, "ray", simulation={"engine": "ray"}, **changes))
+    assert on_ray == inline
+
+
+def test_readme_commands_are_what_ci_runs() -> None:
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert "bash scripts/quickstart.sh" in readme and "bash scripts/test.sh" in readme
+    assert "bash scripts/test.sh" in (root / ".ci/run").read_text()
+    assert "fedsim run scenarios/quickstart.yaml" in (root / "scripts/quickstart.sh").read_text()
+    assert "python -m pytest" in (root / "scripts/test.sh").read_text()
