@@ -113,6 +113,7 @@ class ObservingGrid(GridView):
         self.scenario = scenario
         self.run_dir = run
         self.round_client_metrics: dict[int, list[dict[str, Any]]] = {}
+        self.round_client_evaluation: dict[int, list[dict[str, Any]]] = {}
         self.partition_of = self._discover_partitions()
         self.node_of = {pid: node for node, pid in self.partition_of.items()}
 
@@ -129,8 +130,12 @@ class ObservingGrid(GridView):
             if reply.has_error():
                 pid = self.partition_of.get(reply.metadata.src_node_id, "?")
                 raise RuntimeError(f"client {pid} failed: {reply.error.reason}")
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+        kind = messages[0].metadata.message_type if messages else None
+        if kind == MessageType.TRAIN:
             self._record_train_round(messages[0].content, replies)
+        elif kind == MessageType.EVALUATE:
+            server_round = int(messages[0].content["config"]["server-round"])
+            self.round_client_evaluation[server_round] = [dict(r.content["metrics"]) for r in replies]
         return replies
 
     def _discover_partitions(self, wait_s: float = 120.0) -> dict[int, int]:

@@ -85,6 +85,7 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
             "test_loss": test["loss"],
             "elapsed_s": round(time.perf_counter() - started, 3),
             "clients": view.round_client_metrics.get(server_round, []),
+            "client_evaluation": view.round_client_evaluation.get(server_round, []),
         }
         for defense in server_defenses:
             record.update({f"central_{k}": v for k, v in defense.round_metrics(server_round).items()})

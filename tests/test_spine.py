@@ -195,3 +195,21 @@ def test_readme_commands_are_what_ci_runs() -> None:
     assert "bash scripts/test.sh" in (root / ".ci/run").read_text()
     assert "fedsim run scenarios/quickstart.yaml" in (root / "scripts/quickstart.sh").read_text()
     assert "python -m pytest" in (root / "scripts/test.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [{"name": "fedprox", "proximal_mu": 0.1}, {"name": "fedadam", "eta": 0.05}, {"name": "fedavgm"}],
+)
+def test_every_strategy_trains_and_differs_from_fedavg(tmp_path: Path, strategy: dict) -> None:
+    baseline = metrics_without_time(run(tmp_path, "fedavg", federation={"rounds": 2}))
+    other = metrics_without_time(run(tmp_path, strategy["name"], federation={"rounds": 2, "strategy": strategy}))
+    assert other[-1]["test_accuracy"] > 0.2  # better than chance (0.1) after 2 rounds
+    assert other[-1]["test_loss"] != baseline[-1]["test_loss"]
+
+
+def test_clients_report_validation_metrics_each_round(tmp_path: Path) -> None:
+    run_dir = run(tmp_path, "a", federation={"rounds": 2, "evaluate_clients_per_round": 2})
+    for record in list(run_dir.metrics())[1:]:
+        assert len(record["client_evaluation"]) == 2
+        assert all(0 <= c["val-accuracy"] <= 1 for c in record["client_evaluation"])
