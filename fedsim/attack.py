@@ -1,16 +1,17 @@
 """The attack seam: what an attacker is given and what it must return.
 
-An attack is one class registered in `fedsim.registry.ATTACKS`. It receives only what its
-threat model grants (for gradient inversion: what the honest-but-curious server observed,
-as a `GradientTarget`) and returns a `Reconstruction`. Ground truth never enters an attack:
-the runner scores the reconstruction afterwards.
+An attack is one class registered in `fedsim.registry.ATTACKS`. Its `target_kind` says what
+its threat model grants: "gradient" attacks get what the honest-but-curious server observed of
+one client (a `GradientTarget`); "model" attacks get what a model holder has (a
+`ModelTarget`: the final global model plus public auxiliary data). Each returns a
+`Reconstruction`. Ground truth never enters an attack: the runner scores afterwards.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -51,6 +52,22 @@ class GradientTarget:
         return [-u / self.lr for u in self.parameter_update()]
 
 
+@dataclass(frozen=True)
+class ModelTarget:
+    """What a model holder has (threat model 3): the final global model and public data.
+
+    `model` is the trained global model (white-box; a black-box attack must only call it);
+    `public_x`/`public_y` are auxiliary examples of classes other than `target_classes`.
+    """
+
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    num_classes: int
+    target_classes: list[int]
+    public_x: torch.Tensor
+    public_y: torch.Tensor
+
+
 @dataclass
 class Reconstruction:
     """An attack's output: images in [0, 1] (B, C, H, W), labels (B,), and its own loss."""
@@ -65,6 +82,7 @@ class Attack(ABC):
     """Base of every attack; subclasses state their threat model in `threat_model`."""
 
     threat_model: ClassVar[str]
+    target_kind: ClassVar[Literal["gradient", "model"]] = "gradient"
     Params: ClassVar[type[BaseModel]]
 
     def __init__(self, params: BaseModel, seed: int = 0) -> None:
@@ -72,5 +90,5 @@ class Attack(ABC):
         self.seed = seed
 
     @abstractmethod
-    def reconstruct(self, target: GradientTarget) -> Reconstruction:
-        """Reconstruct the client's training data from what the server saw."""
+    def reconstruct(self, target: Any) -> Reconstruction:
+        """Reconstruct private data from the target its `target_kind` names."""

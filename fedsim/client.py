@@ -31,7 +31,7 @@ from fedsim.defense import (
     build_defenses,
 )
 from fedsim.device import resolve_device, set_threads
-from fedsim.models import build_model
+from fedsim.models import federated_model
 from fedsim.seeding import torch_generator
 from fedsim.training import LocalHyperParams, evaluate, train_locally
 
@@ -52,7 +52,7 @@ class ClientSetup:
     update_defenses: list[UpdateTimeDefense]
 
     def new_model(self) -> torch.nn.Module:
-        return build_model(self.scenario.model, self.data.input_shape, self.data.num_classes)
+        return federated_model(self.scenario, self.data.input_shape, self.data.num_classes)
 
 
 @lru_cache(maxsize=4)

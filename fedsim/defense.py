@@ -48,6 +48,10 @@ class Defense(ABC):
     def __init__(self, params: BaseModel) -> None:
         self.params = params
 
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Change the architecture every party builds (server, clients, attackers); default: none."""
+        return model
+
 
 class TrainTimeDefense(Defense):
     """Changes local training: gets the model, optimizer and loader before the first step."""

@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from attacks.metrics import save_image_grid, score_images
-from fedsim.attack import GradientTarget
+from fedsim.attack import Attack, GradientTarget
 from fedsim.config import PluginSpec, Scenario, build_scenario, read_yaml
 from fedsim.data import FederatedData, federated_data
 from fedsim.device import set_threads
 from fedsim.errors import UserError
-from fedsim.models import build_model
+from fedsim.models import federated_model
 from fedsim.observer import Observation, load_ground_truth, load_observations
 from fedsim.registry import ATTACKS
 from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json, read_json
@@ -89,7 +89,7 @@ def round_line(record: dict[str, Any], scenario: Scenario) -> str:
 
 def gradient_target(observation: Observation, scenario: Scenario, data: FederatedData) -> GradientTarget:
     """What the server saw of one client, as an attack's input (no ground truth in it)."""
-    model = build_model(scenario.model, data.input_shape, data.num_classes)
+    model = federated_model(scenario, data.input_shape, data.num_classes)
     try:
         model.load_state_dict(observation.global_state)
     except RuntimeError as err:
@@ -126,52 +126,61 @@ def ground_truth(run: RunDirectory, observation: Observation, data: FederatedDat
 
 
 def attack_run(run: RunDirectory, scenario: Scenario, specs: list[PluginSpec], console: Console) -> None:
-    """Run every attack in `specs` on every recorded observation; skip what is done."""
-    if not specs:
-        return
+    """Run every attack in `specs` on what its threat model grants; skip what is done."""
+    for spec in specs:
+        attack = ATTACKS.get(spec.name)(spec.params, seed=derive_seed(scenario.seed, "attack", spec.name))
+        ATTACK_STAGES[attack.target_kind](run, scenario, spec, attack, console)
+
+
+def attack_observations(
+    run: RunDirectory, scenario: Scenario, spec: PluginSpec, attack: Attack, console: Console
+) -> None:
+    """A gradient attack on every recorded observation, scored against the ground truth."""
     observations = load_observations(run.root)
     if not observations:
         raise UserError(
             f"'{run.root}' has no recorded observations; set observer.rounds and observer.clients"
         )
     data = federated_data(scenario.data, scenario.seed)
-    for spec in specs:
-        attack = ATTACKS.get(spec.name)(spec.params, seed=derive_seed(scenario.seed, "attack", spec.name))
-        out_dir = run.attacks_dir / spec.name
-        for observation in observations:
-            stem = f"round_{observation.server_round:04d}_client_{observation.client:04d}"
-            result_path = out_dir / f"{stem}.json"
-            params = spec.model_dump(mode="json")
-            if result_path.exists() and read_json(result_path)["attack"] == params:
-                continue
-            truth_x, truth_y = ground_truth(run, observation, data)
-            if len(truth_x) == 0:  # e.g. every Poisson-sampled DP-SGD batch came out empty
-                console.print(f"attack {spec.name}: round {observation.server_round} client "
-                              f"{observation.client} trained on no examples; nothing to score")
-                atomic_write_json(result_path, {"attack": params, "skipped": "no training examples"})
-                continue
-            started = time.perf_counter()
-            recon = attack.reconstruct(gradient_target(observation, scenario, data))
-            seconds = time.perf_counter() - started
-            scores = score_images(recon.images, truth_x, recon.labels, truth_y)
-            save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
-            record = {
-                "attack": params,
-                "threat_model": attack.threat_model,
-                "round": observation.server_round,
-                "client": observation.client,
-                "attack_loss": recon.attack_loss,
-                "seconds": round(seconds, 3),
-                **scores,
-            }
-            atomic_write_json(result_path, record)
+    out_dir = run.attacks_dir / spec.name
+    for observation in observations:
+        stem = f"round_{observation.server_round:04d}_client_{observation.client:04d}"
+        result_path = out_dir / f"{stem}.json"
+        params = spec.model_dump(mode="json")
+        if result_path.exists() and read_json(result_path)["attack"] == params:
+            continue
+        truth_x, truth_y = ground_truth(run, observation, data)
+        if len(truth_x) == 0:  # e.g. every Poisson-sampled DP-SGD batch came out empty
             console.print(
-                f"attack {spec.name} on round {observation.server_round} client {observation.client}: "
-                f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}, "
-                f"label acc {scores['label_accuracy']:.2f} ({seconds:.1f} s)"
+                f"attack {spec.name}: round {observation.server_round} client "
+                f"{observation.client} trained on no examples; nothing to score"
             )
+            atomic_write_json(result_path, {"attack": params, "skipped": "no training examples"})
+            continue
+        started = time.perf_counter()
+        recon = attack.reconstruct(gradient_target(observation, scenario, data))
+        seconds = time.perf_counter() - started
+        scores = score_images(recon.images, truth_x, recon.labels, truth_y)
+        save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
+        record = {
+            "attack": params,
+            "threat_model": attack.threat_model,
+            "round": observation.server_round,
+            "client": observation.client,
+            "attack_loss": recon.attack_loss,
+            "seconds": round(seconds, 3),
+            **scores,
+        }
+        atomic_write_json(result_path, record)
+        console.print(
+            f"attack {spec.name} on round {observation.server_round} client {observation.client}: "
+            f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}, "
+            f"label acc {scores['label_accuracy']:.2f} ({seconds:.1f} s)"
+        )
 
 
+ATTACK_STAGES = {"gradient": attack_observations}
+"""How each kind of attack target is built and scored (see `fedsim.attack`)."""
 
 
 def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:

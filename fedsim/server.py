@@ -23,7 +23,7 @@ from fedsim.client import SCENARIO_KEY
 from fedsim.config import Scenario, load_scenario
 from fedsim.data import federated_data
 from fedsim.defense import ServerTimeDefense, build_defenses
-from fedsim.models import build_model
+from fedsim.models import federated_model
 from fedsim.observer import ObservingGrid
 from fedsim.registry import STRATEGIES
 from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
@@ -53,7 +53,7 @@ def initial_model(scenario: Scenario) -> torch.nn.Module:
     """The global model before round 1, seeded by the scenario."""
     data = federated_data(scenario.data, scenario.seed)
     torch.manual_seed(scenario.seed)
-    return build_model(scenario.model, data.input_shape, data.num_classes)
+    return federated_model(scenario, data.input_shape, data.num_classes)
 
 
 def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:

@@ -14,7 +14,7 @@ from fedsim.models import classical  # noqa: F401  (registers the classical mode
 if TYPE_CHECKING:
     from torch import nn
 
-    from fedsim.config import PluginSpec
+    from fedsim.config import PluginSpec, Scenario
 
 if find_spec("pennylane") is not None and (Path(__file__).parent / "quantum.py").exists():
     import_module("fedsim.models.quantum")
@@ -25,3 +25,14 @@ def build_model(spec: "PluginSpec", input_shape: tuple[int, ...], num_classes: i
     from fedsim.registry import MODELS
 
     return MODELS.get(spec.name)(spec.params, tuple(input_shape), num_classes)
+
+
+def federated_model(scenario: "Scenario", input_shape: tuple[int, ...], num_classes: int) -> "nn.Module":
+    """The model every party builds: the scenario's model, wrapped by each defense that
+    changes the architecture (e.g. an information-bottleneck head), in scenario order."""
+    from fedsim.defense import build_defenses
+
+    model = build_model(scenario.model, input_shape, num_classes)
+    for defense in build_defenses(scenario.defenses):
+        model = defense.wrap_model(model)
+    return model
