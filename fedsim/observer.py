@@ -36,7 +36,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import load_file, safe_open, save
 
-from fedsim.client import SCENARIO_KEY, TRUTH_KEY
+from fedsim.client import TRUTH_KEY
 from fedsim.config import Scenario
 from fedsim.errors import UserError
 from fedsim.grid_view import GridView

@@ -7,8 +7,6 @@ real subprocess, started together, to prove the same holds for the installed com
 
 from __future__ import annotations
 
-import contextlib
-import io
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rich.console import Console
 
-import fedsim.cli
+from cli_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
@@ -126,24 +123,6 @@ def validate_args(path: Path, case: Case) -> list[str]:
     for override in case.overrides:
         args += ["--set", override]
     return args
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """`fedsim ARGS` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    saved_argv, saved_console = sys.argv, fedsim.cli.console
-    sys.argv = ["fedsim", *args]
-    fedsim.cli.console = Console(file=out, width=200)
-    code: int | str | None = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                fedsim.cli.main()
-            except SystemExit as exit_:
-                code = exit_.code
-    finally:
-        sys.argv, fedsim.cli.console = saved_argv, saved_console
-    return (0 if code is None else code), out.getvalue(), err.getvalue()  # type: ignore[return-value]
 
 
 def assert_one_line_error(code: int, out: str, err: str, case: Case, path: Path) -> str:
