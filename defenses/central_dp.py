@@ -1,24 +1,68 @@
-"""Client-level central DP: Flower's server-side fixed-clipping wrapper, with its epsilon.
+"""Client-level central DP: Flower's four DP strategy wrappers, with the epsilon they spend.
 
-The server clips each client's update (its new weights minus the global ones) to
-`clipping_norm` C, averages them with FedAvg and adds Gaussian noise of std
-`noise_multiplier * C / cohort_size` (Flower's `compute_stdv`) to the average.
+Each round the server releases one noised average of the cohort's clipped updates (new
+weights minus the global ones). Clipping bounds each client's contribution to C; the average
+gets Gaussian noise of std `z * C / m` (Flower's `compute_stdv`, m = cohort size).
 
-The epsilon comes from the wrapper's own "accounted" mode: it composes one Gaussian release per
-aggregated round, and it refuses, with an error, the cases its guarantee does not cover: a
-strategy that does not aggregate with `FedAvg.aggregate_train`, unequal client weights (the
-noise covers one client's share C/m only when every client weighs 1/m: clients must report
-equal `weighted_by_key` metrics), or a cohort with missing replies.
-Flower's fixed-clipping accounting supports only `no-amplification`, so no privacy is claimed
-from sampling the cohort: the epsilon holds however the clients are chosen.
+| defense | who clips | clipping norm C |
+|---|---|---|
+| `central_dp_fixed` | server | fixed |
+| `central_dp_fixed_client` | client (Flower's `fixedclipping_mod`) | fixed |
+| `central_dp_adaptive` | server | adapted to a target quantile of update norms (Andrew et al. 2021) |
+| `central_dp_adaptive_client` | client (Flower's `adaptiveclipping_mod`) | as above |
+
+The client-side variants return Flower's mod from `client_mod`, so fedsim's ClientApp runs it
+only in scenarios that use them; the server then sees clipped (but not noised) updates.
+
+Accounting (`accounting: true`, the default) composes one Gaussian release per aggregated
+round with Rényi DP, without amplification by sampling: the epsilon holds however the cohort
+is chosen. It needs what the noise calibration assumes, so it refuses the rest:
+
+- the inner strategy must release the plain FedAvg average (fedavg, fedprox). FedAdam and
+  FedAvgM change the average before the wrapper adds noise to their output; with
+  `accounting: false` any strategy is wrapped, and no epsilon is reported;
+- every client weighs 1/m: the inner strategy averages by the constant `unit-weight` metric
+  each fedsim client reports, not by example counts;
+- every sampled client replies (fedsim stops the run on any client failure).
+
+Fixed clipping uses Flower's own accounted mode. Flower's adaptive wrappers have no accountant;
+fedsim accounts them the same way, per round, for the two releases they make: the noised sum
+(noise multiplier z_d, the one Flower derives from the requested z) and the noised count of
+clipped clients (std sigma_b). Andrew et al.'s z = (z_d^-2 + (2 sigma_b)^-2)^-1/2 assumes
+centred bits (b - 1/2, sensitivity 1/2); Flower's clients send 0/1 bits (sensitivity 1), so
+fedsim accounts with the effective z_eff = (z_d^-2 + sigma_b^-2)^-1/2, a little below the
+requested z. The clipping norm itself is post-processing of earlier releases.
+
+Flower 1.41's adaptive wrappers move the clipping norm the wrong way: their clients' bit means
+"clipped" (Andrew et al.'s, and Flower's older DP-FedAvg client's, means "not clipped"), but
+the update C <- C exp(-lr (fraction - target)) was kept, so C shrinks while most updates are
+clipped and the norm collapses. fedsim's wrappers update it as C <- C exp(lr (clipped fraction
+- target_clipped_quantile)), which converges to the norm that clips the target fraction.
+
+Flower 1.41's clipping divides by the update's norm (factor min(1, C / ||u||)), so an update
+that is exactly zero (the weights came back unchanged, e.g. under a saturated loss) raises
+ZeroDivisionError mid-run. `tolerating_zero_updates` runs Flower's DP code with that norm as a
+numpy float, whose division by zero gives inf: the factor is 1, the update stays zero and
+counts as not clipped. Every fedsim wrapper and mod that clips goes through it.
 
 Flower's RDP backend (`flwr.serverapp.RdpAccountant`) needs the optional `dp-accounting`
-package (`flwr[dp]`), which fedsim does not depend on; `OpacusRdpAccountant` gives the wrapper
+package (`flwr[dp]`), which fedsim does not depend on; `OpacusRdpAccountant` gives the wrappers
 the same RDP composition computed by Opacus, which fedsim already has.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
+from unittest.mock import patch
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import Mod
 from flwr.serverapp import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -26,13 +70,36 @@ from flwr.serverapp import (
     PrivacySpent,
     SamplingMethod,
 )
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.supercore import differential_privacy as flower_dp
 from opacus.accountants import RDPAccountant
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.defense import ServerTimeDefense
 from fedsim.errors import UserError
 from fedsim.registry import DEFENSES
+
+F = TypeVar("F", bound=Callable[..., Any])
+_flower_get_norm = flower_dp.get_norm
+
+
+def tolerating_zero_updates(function: F) -> F:
+    """`function` with Flower's clipping made safe for an all-zero update (module docstring)."""
+
+    @functools.wraps(function)
+    def safe(*args: Any, **kwargs: Any) -> Any:
+        norm = lambda arrays: np.float64(_flower_get_norm(arrays))
+        with patch.object(flower_dp, "get_norm", norm), np.errstate(divide="ignore"):
+            return function(*args, **kwargs)
+
+    return safe  # type: ignore[return-value]
 
 
 class OpacusRdpAccountant:
@@ -64,51 +131,226 @@ class OpacusRdpAccountant:
         return PrivacySpent(float(epsilon), delta, self.num_releases, "rdp", float(order))
 
 
-@DEFENSES.register("central_dp_fixed")
-class CentralDpFixed(ServerTimeDefense):
-    """Client-level central DP: server-side fixed clipping + Gaussian noise (Flower)."""
+class CentralDpParams(BaseModel):
+    """What every central-DP defense takes."""
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
-        noise_multiplier: float = Field(
-            1.0, gt=0, description="noise std / clipping_norm, before dividing by the cohort"
-        )
-        clipping_norm: float = Field(1.0, gt=0, description="bound C on each client's update")
-        delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported epsilon")
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="noise std / clipping norm, before dividing by the cohort"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported epsilon")
+    accounting: bool = Field(
+        True,
+        description="report epsilon (needs fedavg/fedprox and noise_multiplier > 0); false: "
+        "wrap any strategy, report no epsilon",
+    )
 
-    params: Params
-    _strategy: DifferentialPrivacyServerSideFixedClipping | None = None
+    @model_validator(mode="after")
+    def _noise_for_accounting(self) -> CentralDpParams:
+        if self.accounting and self.noise_multiplier == 0:
+            raise ValueError("noise_multiplier must be > 0 for an epsilon; or accounting: false")
+        return self
 
-    def wrap(
-        self, strategy: Strategy, cohort_size: int, total_rounds: int
-    ) -> DifferentialPrivacyServerSideFixedClipping:
-        """Flower's wrapper in accounted mode; every round must aggregate exactly `cohort_size`.
 
-        Client-level DP weighs every client equally, so the inner strategy averages by the
-        constant `unit-weight` each fedsim client reports instead of by example counts.
-        """
-        strategy.weighted_by_key = "unit-weight"
-        accountant = OpacusRdpAccountant(
-            PrivacyConfig(
-                target_delta=self.params.delta,
-                population_size=cohort_size,  # only labels the events without amplification
-                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+class FixedParams(CentralDpParams):
+    clipping_norm: float = Field(1.0, gt=0, description="bound C on each client's update")
+
+
+class AdaptiveParams(CentralDpParams):
+    initial_clipping_norm: float = Field(0.1, gt=0, description="C in round 1")
+    target_clipped_quantile: float = Field(
+        0.5, ge=0, le=1, description="fraction of updates the norm adapts to clip"
+    )
+    clip_norm_lr: float = Field(0.2, gt=0, description="geometric step of the norm update")
+    clipped_count_stddev: float | None = Field(
+        None,
+        ge=0,
+        description="noise std on the count of clipped clients (null: cohort / 20, Flower's "
+        "default; it must exceed noise_multiplier / 2)",
+    )
+
+
+class CentralDp(ServerTimeDefense):
+    """Wraps the strategy in one of Flower's DP wrappers; reports epsilon and clipping norm."""
+
+    Params: ClassVar[type[CentralDpParams]]
+    mod: ClassVar[Mod | None] = None  # Flower's client mod, for the client-side variants
+
+    params: CentralDpParams
+    _strategy: Any = None
+    _accountant: OpacusRdpAccountant | None = None
+
+    def wrap(self, strategy: Strategy, cohort_size: int, total_rounds: int) -> Strategy:
+        """Flower's wrapper around `strategy`; with accounting, every client weighs 1/m."""
+        name = next(name for name, cls in DEFENSES if cls is type(self))
+        if self.params.accounting:
+            if not isinstance(strategy, FedAvg) or (
+                type(strategy).aggregate_train is not FedAvg.aggregate_train
+            ):
+                raise UserError(
+                    f"{name}: strategy {type(strategy).__name__} changes the average before "
+                    "the DP noise is added, so no epsilon holds; use fedavg or fedprox, or "
+                    "set accounting: false (no epsilon reported)"
+                )
+            strategy.weighted_by_key = "unit-weight"
+            self._accountant = OpacusRdpAccountant(
+                PrivacyConfig(
+                    target_delta=self.params.delta,
+                    population_size=cohort_size,  # only labels events without amplification
+                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                )
             )
-        )
         try:
-            self._strategy = DifferentialPrivacyServerSideFixedClipping(
-                strategy,
-                self.params.noise_multiplier,
-                self.params.clipping_norm,
-                num_sampled_clients=cohort_size,
-                accountant=accountant,
-            )
+            self._strategy = self.build(strategy, cohort_size)
         except ValueError as err:
-            raise UserError(f"central_dp_fixed: {err}") from None
+            raise UserError(f"{name}: {err}") from None
         return self._strategy
 
+    @abstractmethod
+    def build(self, strategy: Strategy, cohort_size: int) -> Strategy:
+        """The Flower wrapper (accounting with `self._accountant` when it is set)."""
+
+    def client_mod(self) -> Mod | None:
+        return self.mod
+
     def round_metrics(self, server_round: int) -> dict[str, float]:
-        """The epsilon of all the aggregates released so far (one per aggregated round)."""
-        return {"epsilon": self._strategy.privacy_spent().epsilon}
+        """The epsilon of all the aggregates released so far, and the clipping norm."""
+        metrics = {"clipping_norm": float(self._strategy.clipping_norm)}
+        if self._accountant is not None:
+            metrics["epsilon"] = self._accountant.get_epsilon(self.params.delta)
+        return metrics
+
+
+class ServerSideFixed(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, safe for all-zero updates."""
+
+    @tolerating_zero_updates
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, replies)
+
+
+@DEFENSES.register("central_dp_fixed")
+class CentralDpFixed(CentralDp):
+    """Client-level central DP: server-side fixed clipping + Gaussian noise (Flower)."""
+
+    Params = FixedParams
+    params: FixedParams
+    wrapper: ClassVar[type] = ServerSideFixed
+
+    def build(self, strategy: Strategy, cohort_size: int) -> Strategy:
+        """Flower's fixed-clipping wrapper, in its own accounted mode when accounting."""
+        p = self.params
+        return self.wrapper(
+            strategy,
+            p.noise_multiplier,
+            p.clipping_norm,
+            num_sampled_clients=cohort_size,
+            accountant=self._accountant,
+        )
+
+
+@DEFENSES.register("central_dp_fixed_client")
+class CentralDpFixedClient(CentralDpFixed):
+    """Client-level central DP: client-side fixed clipping (Flower's mod) + server noise."""
+
+    wrapper = DifferentialPrivacyClientSideFixedClipping
+    mod = staticmethod(tolerating_zero_updates(fixedclipping_mod))
+
+
+class AccountedAdaptive:
+    """Per-round accounting, the corrected norm update and zero-update safety, mixed in
+    before a Flower adaptive-clipping wrapper (see the module docstring).
+
+    One composed event per aggregated round, with the effective noise multiplier of the
+    round's two releases.
+    """
+
+    accountant: OpacusRdpAccountant | None = None
+    noise_multiplier: float
+    clipped_count_stddev: float
+    num_sampled_clients: int
+    clipping_norm: float
+    clip_norm_lr: float
+    target_clipped_quantile: float
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """z_eff = (z_d^-2 + sigma_b^-2)^-1/2: the sum (sensitivity C) and the 0/1 count."""
+        return (self.noise_multiplier**-2 + self.clipped_count_stddev**-2) ** -0.5
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        """C <- C exp(lr (clipped fraction - target)): grow while too many are clipped."""
+        self.clipping_norm *= math.exp(
+            self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile)
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.accountant is not None and len(replies) != self.num_sampled_clients:
+            raise ValueError(
+                f"round {server_round}: {len(replies)} replies for a cohort of "
+                f"{self.num_sampled_clients}; the epsilon assumes every client replies"
+            )
+        aggregate = tolerating_zero_updates(super().aggregate_train)  # type: ignore[misc]
+        arrays, metrics = aggregate(server_round, replies)
+        if arrays is not None and self.accountant is not None:
+            self.accountant.compose(
+                GaussianPrivacyEvent(
+                    self.effective_noise_multiplier,
+                    len(replies),
+                    self.accountant.config.population_size,
+                )
+            )
+        return arrays, metrics
+
+
+class AccountedServerSideAdaptive(AccountedAdaptive, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, accounted."""
+
+
+class AccountedClientSideAdaptive(AccountedAdaptive, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, accounted."""
+
+
+@DEFENSES.register("central_dp_adaptive")
+class CentralDpAdaptive(CentralDp):
+    """Client-level central DP: server-side adaptive clipping (Andrew et al.) + noise (Flower)."""
+
+    Params = AdaptiveParams
+    params: AdaptiveParams
+    wrapper: ClassVar[type[AccountedAdaptive]] = AccountedServerSideAdaptive
+
+    def build(self, strategy: Strategy, cohort_size: int) -> Strategy:
+        p = self.params
+        wrapped = self.wrapper(
+            strategy,
+            p.noise_multiplier,
+            cohort_size,
+            initial_clipping_norm=p.initial_clipping_norm,
+            target_clipped_quantile=p.target_clipped_quantile,
+            clip_norm_lr=p.clip_norm_lr,
+            clipped_count_stddev=p.clipped_count_stddev,
+        )
+        wrapped.accountant = self._accountant
+        return wrapped
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        metrics = super().round_metrics(server_round)
+        if self._accountant is not None:
+            metrics["effective_noise_multiplier"] = self._strategy.effective_noise_multiplier
+        return metrics
+
+
+@DEFENSES.register("central_dp_adaptive_client")
+class CentralDpAdaptiveClient(CentralDpAdaptive):
+    """Client-level central DP: client-side adaptive clipping (Flower's mod) + server noise."""
+
+    wrapper = AccountedClientSideAdaptive
+    mod = staticmethod(tolerating_zero_updates(adaptiveclipping_mod))
+

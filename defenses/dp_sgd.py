@@ -12,23 +12,37 @@ Two traps (shared/PAPERS.md, "Federated learning and DP"):
    every round this client trained in.
 2. For some layers (a PennyLane `TorchLayer`) Opacus silently returns all-zero per-sample
    gradients, and DP-SGD trains on noise only. `prepare` checks, on a few examples, that the
-   per-sample gradients add up to the ordinary batch gradient, and refuses the model if not.
+   per-sample gradients add up to the ordinary batch gradient (ghost mode: that its per-sample
+   gradient norms equal those of checked per-sample gradients), and refuses the model if not.
 
-Ghost clipping (`grad_sample_mode: ghost`) is refused: Opacus implements it by wrapping the
-loss criterion and running two backward passes inside `loss.backward()`, and fedsim's training
-loop computes the task loss itself; the other three modes compute the same clipped gradients.
+Modes (`grad_sample_mode`) compute the same clipped gradient in different ways: `hooks`,
+`functorch` and `ew` materialise per-example gradients; `ghost` (ghost clipping) only their
+norms, then takes a second backward pass over the loss re-weighted by the clipping factors.
+Ghost clipping lives in Opacus's loss wrapper, which the training loop uses through the
+`criterion` hook. `max_physical_batch_size` splits each (logical, Poisson-sampled) batch into
+physical batches with Opacus's BatchMemoryManager: the same step and the same epsilon, in
+bounded memory.
+
+Layers Opacus cannot train privately (BatchNorm) are refused with their names, or, with
+`fix_modules: true`, replaced by Opacus's `ModuleValidator.fix` (BatchNorm -> GroupNorm) in the
+model every party builds, so the server, the clients and the attacks agree on the architecture.
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import ExitStack
 from typing import Any, Literal
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import AbstractGradSampleModule
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -38,6 +52,9 @@ from fedsim.registry import DEFENSES
 
 HISTORY_KEY = "dp_sgd_history"
 PROBE_EXAMPLES = 4
+
+log = logging.getLogger("fedsim")
+_reported_fixes: set[str] = set()
 
 
 @DEFENSES.register("dp_sgd")
@@ -65,7 +82,20 @@ class DpSgd(TrainTimeDefense):
             "loader's own batches, an approximation)",
         )
         grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field(
-            "hooks", description="how Opacus computes per-example gradients (ghost: refused)"
+            "hooks",
+            description="how Opacus computes per-example gradients (ghost: ghost clipping, "
+            "norms only, two backward passes)",
+        )
+        max_physical_batch_size: int | None = Field(
+            None,
+            ge=1,
+            description="split each logical batch into physical batches of at most this "
+            "size (Opacus BatchMemoryManager); null: no split",
+        )
+        fix_modules: bool = Field(
+            False,
+            description="replace layers Opacus cannot train (BatchNorm -> GroupNorm) with "
+            "ModuleValidator.fix in every party's model, instead of refusing them",
         )
         secure_mode: bool = Field(
             False, description="cryptographically secure noise (needs torchcsprng)"
@@ -77,20 +107,33 @@ class DpSgd(TrainTimeDefense):
                 raise ValueError("set exactly one of noise_multiplier and target_epsilon")
             return self
 
-        @field_validator("grad_sample_mode")
-        @classmethod
-        def _no_ghost(cls, mode: str) -> str:
-            if mode == "ghost":
-                raise ValueError(
-                    "ghost clipping needs Opacus's wrapped loss criterion, which fedsim's "
-                    "training loop does not use; use hooks, functorch or ew"
-                )
-            return mode
-
     params: Params
-    # The engine and wrapped model of the client being trained, between prepare and finish.
+    # The engine, wrapped model and optimizer of the client being trained, and the
+    # BatchMemoryManager it trains under, between prepare and finish.
     _engine: PrivacyEngine | None = None
     _model: AbstractGradSampleModule | None = None
+    _optimizer: torch.optim.Optimizer | None = None
+    _memory: ExitStack | None = None
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """With `fix_modules`, Opacus's fix of the model (BatchNorm -> GroupNorm), said once."""
+        if not self.params.fix_modules or not _unsupported_layers(model):
+            return model
+        fixed = ModuleValidator.fix(model)
+        before = dict(model.named_modules())
+        changes = ", ".join(
+            f"{name} ({type(before[name]).__name__} -> {type(module).__name__})"
+            for name, module in fixed.named_modules()
+            if name in before and type(module) is not type(before[name])
+        )
+        if changes not in _reported_fixes:
+            _reported_fixes.add(changes)
+            log.warning(
+                "dp_sgd.fix_modules: Opacus replaced %s; the server, clients and attacks all "
+                "use the fixed model",
+                changes,
+            )
+        return fixed
 
     def prepare(
         self,
@@ -111,7 +154,13 @@ class DpSgd(TrainTimeDefense):
         engine.accountant.history = [tuple(entry) for entry in state.get(HISTORY_KEY, [])]
         probe = _probe_inputs(loader).to(next(model.parameters()).device)
         expected = _batch_gradients(model, probe)
-        private_model, private_optimizer, private_loader = engine.make_private(
+        if p.grad_sample_mode == "ghost":  # ghost has no per-sample gradients to check
+            reference = GradSampleModule(model, loss_reduction="mean")  # hooks mode
+            try:
+                norms = _check_per_sample_gradients(reference, probe, expected)
+            finally:
+                reference.cleanup()
+        private = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -121,16 +170,36 @@ class DpSgd(TrainTimeDefense):
             grad_sample_mode=p.grad_sample_mode,
             noise_generator=None if p.secure_mode else _noise_generator(loader, probe.device),
         )
-        _check_per_sample_gradients(private_model, private_optimizer, probe, expected)
-        self._engine, self._model = engine, private_model
+        private_model, private_optimizer, private_loader = private[0], private[1], private[-1]
+        if p.grad_sample_mode == "ghost":
+            _check_ghost_norms(private_model, probe, norms)
+        else:
+            _check_per_sample_gradients(private_model, probe, expected)
+        self._memory = ExitStack()
+        if p.max_physical_batch_size is not None:
+            private_loader = self._memory.enter_context(
+                BatchMemoryManager(
+                    data_loader=private_loader,
+                    max_physical_batch_size=p.max_physical_batch_size,
+                    optimizer=private_optimizer,
+                )
+            )
+        self._engine, self._model, self._optimizer = engine, private_model, private_optimizer
         return private_model, private_optimizer, private_loader
+
+    def criterion(self, loss_fn: nn.Module) -> Any:
+        """Ghost mode: Opacus's loss wrapper, whose `backward()` takes both passes."""
+        if self.params.grad_sample_mode != "ghost":
+            return loss_fn
+        return DPLossFastGradientClipping(self._model, self._optimizer, loss_fn, "mean")
 
     def finish(self, state: dict[str, Any]) -> dict[str, float]:
         """Store the accountant history in `state`, detach Opacus, report the epsilon so far."""
         accountant = self._engine.accountant
         state[HISTORY_KEY] = [list(entry) for entry in accountant.history]
+        self._memory.close()
         self._model.cleanup()  # removes Opacus's hooks, so the plain model can be wrapped again
-        self._engine = self._model = None
+        self._engine = self._model = self._optimizer = self._memory = None
         return {"epsilon": float(accountant.get_epsilon(delta=self.params.delta))}
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -157,14 +226,31 @@ class DpSgd(TrainTimeDefense):
         )
 
 
-def _refuse_unsupported_layers(model: nn.Module) -> None:
+def _unsupported_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Opacus's reason -> the names of the layers it refuses for that reason."""
+    found: dict[str, list[str]] = {}
+    for name, module in trainable_modules(model):
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        errors = validator(module) if validator else []
+        if errors:
+            found.setdefault(str(errors[0]).split(". ")[0].strip(), []).append(
+                f"'{name}' ({type(module).__name__})"
+            )
+    return found
+
+
+def _refuse_unsupported_layers(model: nn.Module, shown: int = 3) -> None:
     """A one-line UserError naming the layers Opacus cannot train privately (e.g. BatchNorm)."""
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        reasons = sorted({str(error).split(". ")[0].strip() for error in errors})
+    found = _unsupported_layers(model)
+    if found:
+        problems = "; ".join(
+            f"{reason}: layer {', '.join(names[:shown])}"
+            + (f" and {len(names) - shown} more" if len(names) > shown else "")
+            for reason, names in found.items()
+        )
         raise UserError(
-            f"dp_sgd: {'; '.join(reasons)}. Fix: choose privacy-safe layers in the model's "
-            "params, e.g. `norm: group` instead of batch norm"
+            f"dp_sgd: {problems}. Fix: set `fix_modules: true` on dp_sgd (BatchNorm -> "
+            "GroupNorm), or choose privacy-safe layers in the model's params, e.g. `norm: group`"
         )
 
 
@@ -196,34 +282,68 @@ def _batch_gradients(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tenso
         return list(torch.autograd.grad(model(inputs).sum(), params, materialize_grads=True))
 
 
+def _probe_backward(model: AbstractGradSampleModule, inputs: torch.Tensor) -> None:
+    """Backward of `model(inputs).sum()` under the seed `_batch_gradients` uses; a model this
+    mode cannot differentiate (e.g. `ew` on a quantum layer) is refused."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        try:
+            model(inputs).sum().backward()
+        except RuntimeError as err:
+            raise UserError(
+                "dp_sgd.grad_sample_mode: Opacus cannot compute this model's per-example "
+                f"gradients in this mode ({str(err).splitlines()[0]}); use hooks"
+            ) from None
+
+
+def _clear_gradients(model: AbstractGradSampleModule) -> None:
+    for p in model._module.parameters():
+        p.grad = None
+        p.grad_sample = None
+
+
 def _check_per_sample_gradients(
-    model: AbstractGradSampleModule,
-    optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor,
-    expected: list[torch.Tensor],
-) -> None:
+    model: AbstractGradSampleModule, inputs: torch.Tensor, expected: list[torch.Tensor]
+) -> torch.Tensor:
     """Refuse the model if Opacus's per-sample gradients do not add up to the batch gradient.
 
     The check is loss-independent (it differentiates the sum of the outputs), and uses the
     same seed as `_batch_gradients`, so dropout-like layers draw the same randomness.
+    Returns the per-sample gradient norms (of the whole parameter vector).
     """
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model(inputs).sum().backward()
+    _probe_backward(model, inputs)
     named = [(name, p) for name, p in model._module.named_parameters() if p.requires_grad]
+    scale = max(float(want.abs().max()) for want in expected)
     # Opacus scales per-sample gradients by the batch size for a mean-reduced loss.
     wrong = [
         name
         for (name, p), want in zip(named, expected, strict=True)
         if getattr(p, "grad_sample", None) is None
         or not torch.allclose(
-            p.grad_sample.sum(0) / len(inputs), want, rtol=1e-3, atol=1e-5 * want.abs().max()
+            p.grad_sample.sum(0) / len(inputs), want, rtol=1e-3, atol=1e-5 * scale
         )
     ]
-    optimizer.zero_grad(set_to_none=True)
     if wrong:
         raise UserError(
             f"dp_sgd: Opacus computes wrong per-example gradients for {', '.join(wrong)} "
             "(a known case: PennyLane TorchLayer), so DP-SGD would be silently wrong; use a "
             "classical model or central DP (central_dp_fixed)"
+        )
+    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for _, p in named]).norm(dim=0)
+    _clear_gradients(model)
+    return norms
+
+
+def _check_ghost_norms(
+    model: AbstractGradSampleModule, inputs: torch.Tensor, expected: torch.Tensor
+) -> None:
+    """Refuse the model if ghost clipping's per-sample norms differ from the checked ones."""
+    _probe_backward(model, inputs)
+    norms = model.get_norm_sample()
+    _clear_gradients(model)
+    if not torch.allclose(norms, expected, rtol=1e-3, atol=1e-6 * float(expected.max())):
+        raise UserError(
+            "dp_sgd: ghost clipping computes wrong per-example gradient norms for this model "
+            "(some layer has no ghost-norm rule), so its clipping would be wrong; use "
+            "grad_sample_mode: hooks"
         )

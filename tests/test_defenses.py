@@ -9,7 +9,11 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+)
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
@@ -17,12 +21,14 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses.central_dp import CentralDpFixed
+from defenses.central_dp import CentralDpAdaptive, CentralDpFixed
 from defenses.dp_sgd import HISTORY_KEY, DpSgd
 from defenses.pruning import TopK
+from fedsim.data import TensorData
 from fedsim.defense import LocalTraining
 from fedsim.errors import UserError
 from fedsim.registry import DEFENSES
+from fedsim.training import LocalHyperParams, LocalResult, train_locally
 
 N, BATCH, FEATURES, CLASSES = 64, 8, 10, 3
 SAMPLE_RATE = BATCH / N  # Opacus's 1 / len(loader)
@@ -113,24 +119,26 @@ def test_per_sample_gradients_are_clipped_to_max_grad_norm() -> None:
         torch.testing.assert_close(p.grad, g / BATCH)
 
 
-def pure_noise_step(sigma: float, C: float, loader_seed: int) -> torch.Tensor:
+def pure_noise_step(sigma: float, C: float, loader_seed: int, mode: str = "hooks") -> torch.Tensor:
     """The gradient of one DP-SGD step whose per-sample gradients are all zero: only noise."""
-    defense = DpSgd(DpSgd.Params(noise_multiplier=sigma, max_grad_norm=C))
+    defense = DpSgd(DpSgd.Params(noise_multiplier=sigma, max_grad_norm=C, grad_sample_mode=mode))
     model = nn.Linear(500, 200, bias=False)  # 100,000 coordinates
-    data = TensorDataset(torch.randn(N, 500), torch.zeros(N))
+    data = TensorDataset(torch.randn(N, 500), torch.zeros(N, dtype=torch.long))
     generator = torch.Generator().manual_seed(loader_seed)
     loader = DataLoader(data, batch_size=BATCH, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer, loader = defense.prepare(model, optimizer, loader, training(), {})
-    x, _ = next(iter(loader))
-    (0.0 * model(x)).sum().backward()
+    criterion = defense.criterion(nn.CrossEntropyLoss())
+    x, y = next(iter(loader))
+    criterion(0.0 * model(x), y).backward()  # zero gradients, whatever the loss
     optimizer.step()
     return model._module.weight.grad
 
 
-def test_noise_std_is_sigma_times_c_over_batch() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_std_is_sigma_times_c_over_batch(mode: str) -> None:
     sigma, C = 2.0, 0.5
-    noise = pure_noise_step(sigma, C, loader_seed=0)
+    noise = pure_noise_step(sigma, C, loader_seed=0, mode=mode)
     expected_std = sigma * C / BATCH
     assert abs(noise.std().item() / expected_std - 1) < 0.05
     assert abs(noise.mean().item()) < 0.05 * expected_std
@@ -195,7 +203,7 @@ def test_plain_model_can_be_wrapped_again_after_finish() -> None:
     assert not hasattr(plain[0].weight, "grad_sample")
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
 def test_modes_pass_the_per_sample_check_with_dropout(mode: str) -> None:
     defense = DpSgd(DpSgd.Params(grad_sample_mode=mode))
     torch.manual_seed(0)
@@ -210,20 +218,104 @@ def test_batchnorm_is_refused_with_the_fix() -> None:
     model = nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.Linear(16, CLASSES))
     _, _, loader = client_objects(seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    with pytest.raises(UserError, match="BatchNorm.*norm: group"):
+    with pytest.raises(UserError, match=r"BatchNorm cannot .*: layer '1' \(BatchNorm1d\)\. .*fix_modules: true"):
         DpSgd(DpSgd.Params()).prepare(model, optimizer, loader, training(), {})
 
 
-def test_params_refuse_ghost_and_two_noise_sources() -> None:
-    with pytest.raises(ValidationError, match="ghost clipping"):
-        DpSgd.Params(grad_sample_mode="ghost")
+def test_fix_modules_replaces_batchnorm_and_says_which(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 2, FEATURES // 2)),
+        nn.Conv2d(1, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(FEATURES * 4, CLASSES),
+    )
+    defense = DpSgd(DpSgd.Params(fix_modules=True))
+    fixed = defense.wrap_model(model)
+    assert isinstance(fixed[2], nn.GroupNorm) and isinstance(model[2], nn.BatchNorm2d)
+    assert "2 (BatchNorm2d -> GroupNorm)" in caplog.text
+    torch.testing.assert_close(fixed[1].weight, model[1].weight)  # the rest is kept
+    _, _, loader = client_objects(seed=0)
+    optimizer = torch.optim.SGD(fixed.parameters(), lr=0.05)
+    defense.prepare(fixed, optimizer, loader, training(), {})
+    defense.finish({})
+    plain = nn.Sequential(nn.Linear(FEATURES, CLASSES))
+    assert defense.wrap_model(plain) is plain
+
+
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+def test_step_is_the_mean_of_clipped_per_example_gradients(mode: str) -> None:
+    """Against a per-example loop: g = sum_i min(1, C / ||g_i||) g_i / B (sigma = 0)."""
+    C = 0.5
+    defense = DpSgd(DpSgd.Params(noise_multiplier=0.0, max_grad_norm=C, grad_sample_mode=mode))
+    plain, optimizer, loader = client_objects(seed=0, scale=20.0)
+    reference = copy.deepcopy(plain)
+    model, optimizer, loader = defense.prepare(plain, optimizer, loader, training(), {})
+    criterion = defense.criterion(nn.CrossEntropyLoss())
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    criterion(model(x), y).backward()
+    optimizer.step()
+
+    per_example = [
+        torch.autograd.grad(
+            nn.functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]),
+            list(reference.parameters()),
+        )
+        for i in range(len(x))
+    ]
+    norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in per_example])
+    assert (norms > C).sum() >= len(x) // 2  # clipping is active
+    factors = (C / (norms + 1e-6)).clamp(max=1.0)
+    for j, p in enumerate(plain.parameters()):
+        clipped_sum = sum(f * grads[j] for f, grads in zip(factors, per_example))
+        torch.testing.assert_close(p.grad, clipped_sum / BATCH, rtol=1e-4, atol=1e-6)
+        assert (p.grad * BATCH).norm() <= len(x) * C + 1e-5
+
+
+def train_with_batches_of_32(defense: DpSgd) -> tuple[LocalResult, list[int], nn.Module]:
+    """fedsim's own loop on 96 examples; returns the sizes of all forward passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+    data = TensorData(torch.randn(96, FEATURES), torch.randint(0, CLASSES, (96,)), CLASSES)
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+    hp = LocalHyperParams(lr=0.1, batch_size=32, local_epochs=2, local_steps=0, optimizer="sgd",
+                          momentum=0.0, weight_decay=0.0)
+    local = LocalTraining(96, 32, 2, None, 1, 1, 0)
+    state: dict = {}
+    result = train_locally(model, data, hp, local, torch.Generator().manual_seed(0), [defense], [state])
+    return result, sizes, defense.unwrap(model)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_batch_memory_manager_takes_the_same_steps_in_smaller_batches(mode: str) -> None:
+    """Logical batches of ~32 (Poisson) in physical batches of <= 5: same steps, same noise,
+    same weights and epsilon; fedsim counts logical steps and records logical batches."""
+    params = {"noise_multiplier": 1.0, "grad_sample_mode": mode}
+    whole, whole_sizes, whole_model = train_with_batches_of_32(DpSgd(DpSgd.Params(**params)))
+    split, split_sizes, split_model = train_with_batches_of_32(
+        DpSgd(DpSgd.Params(**params, max_physical_batch_size=5))
+    )
+    assert max(split_sizes) <= 5 < max(whole_sizes)  # (the per-sample probe uses 4)
+    assert split.steps == whole.steps == 6  # 2 epochs of 3 logical batches
+    assert split.batches == whole.batches
+    assert max(len(b) for b in split.batches) > 5
+    assert split.metrics["epsilon"] == whole.metrics["epsilon"]
+    for a, b in zip(split_model.parameters(), whole_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_params_refuse_two_noise_sources() -> None:
     with pytest.raises(ValidationError, match="exactly one"):
         DpSgd.Params(noise_multiplier=1.0, target_epsilon=2.0)
     with pytest.raises(ValidationError, match="exactly one"):
         DpSgd.Params(noise_multiplier=None)
 
 
-def test_quantum_layer_with_zero_per_sample_gradients_is_refused() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_quantum_layer_with_zero_per_sample_gradients_is_refused(mode: str) -> None:
     """Trap 2: Opacus returns all-zero per-sample gradients for a PennyLane TorchLayer."""
     qml = pytest.importorskip("pennylane")
     device = qml.device("default.qubit", wires=2)
@@ -239,7 +331,7 @@ def test_quantum_layer_with_zero_per_sample_gradients_is_refused() -> None:
     loader = DataLoader(TensorDataset(torch.rand(16, 2), torch.rand(16)), batch_size=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with pytest.raises(UserError, match="wrong per-example gradients"):
-        DpSgd(DpSgd.Params()).prepare(model, optimizer, loader, training(), {})
+        DpSgd(DpSgd.Params(grad_sample_mode=mode)).prepare(model, optimizer, loader, training(), {})
 
 
 # --- topk ---------------------------------------------------------------------------------
@@ -349,7 +441,7 @@ def test_central_dp_epsilon_grows_with_rounds(server_identity: None) -> None:
     sigma, delta = 2.0, 1e-5
     defense = CentralDpFixed(CentralDpFixed.Params(noise_multiplier=sigma, delta=delta))
     strategy = defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=3)
-    assert defense.round_metrics(0) == {"epsilon": 0.0}
+    assert defense.round_metrics(0) == {"epsilon": 0.0, "clipping_norm": 1.0}
     epsilons = []
     for server_round in (1, 2, 3):
         run_round(strategy, server_round, [torch.ones(4)] * 3)
@@ -368,6 +460,68 @@ def test_central_dp_weighs_clients_equally_whatever_their_example_counts(server_
     assert inner.weighted_by_key == "unit-weight"
     run_round(strategy, 1, [torch.ones(4)] * 3, weights=(10, 20, 30))
     assert defense.round_metrics(1)["epsilon"] > 0
+
+
+def test_adaptive_epsilon_is_the_gaussian_of_both_releases_per_round(server_identity: None) -> None:
+    """Independently: Flower's z_d = (z^-2 - (2 s)^-2)^-1/2; with 0/1 bits (sensitivity 1) the
+    round's two releases compose to z_eff = (z_d^-2 + s^-2)^-1/2, below the requested z."""
+    z, s, delta = 1.0, 2.0, 1e-5
+    defense = CentralDpAdaptive(
+        CentralDpAdaptive.Params(noise_multiplier=z, clipped_count_stddev=s, delta=delta)
+    )
+    defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=3)
+    z_d = (z**-2 - (2 * s) ** -2) ** -0.5
+    z_eff = (z_d**-2 + s**-2) ** -0.5
+    assert z_eff < z
+    for server_round in (1, 2, 3):
+        run_round(defense._strategy, server_round, [torch.ones(4)] * 3)
+        metrics = defense.round_metrics(server_round)
+        assert metrics["effective_noise_multiplier"] == pytest.approx(z_eff, rel=1e-12)
+        assert metrics["epsilon"] == pytest.approx(
+            gaussian_epsilon(z_eff, server_round, delta), rel=1e-9
+        )
+
+
+def test_adaptive_clipping_norm_converges_to_the_target_quantile(server_identity: None) -> None:
+    """Updates of norm 1, 2 and 3, target: clip half. C must grow from 0.1 to about 2 (Flower
+    1.41's own update shrinks it towards 0 while every update is clipped)."""
+    defense = CentralDpAdaptive(
+        CentralDpAdaptive.Params(
+            noise_multiplier=0.01, clipped_count_stddev=0.05, initial_clipping_norm=0.1
+        )
+    )
+    defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=80)
+    updates = [torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 2.0, 0, 0]), torch.tensor([0, 0, 3.0, 0])]
+    norms = []
+    for server_round in range(1, 81):
+        run_round(defense._strategy, server_round, updates)
+        norms.append(defense.round_metrics(server_round)["clipping_norm"])
+    assert norms[0] > 0.1 and norms[20] > norms[10] > norms[0]  # grows while all are clipped
+    assert all(1.5 < c < 2.7 for c in norms[-20:])
+
+
+@pytest.mark.parametrize("name", ["central_dp_fixed", "central_dp_adaptive"])
+def test_server_side_clipping_tolerates_an_all_zero_update(server_identity: None, name: str) -> None:
+    """Flower 1.41 divides by the update's norm; an unchanged client must not crash the run."""
+    plugin = DEFENSES.get(name)
+    defense = plugin(plugin.Params(noise_multiplier=1e-6))
+    defense.wrap(FedAvg(min_train_nodes=3, min_available_nodes=3), 3, total_rounds=1)
+    C = 1.0 if name == "central_dp_fixed" else 0.1  # the (initial) clipping norm
+    average = run_round(defense._strategy, 1, [torch.zeros(4), torch.tensor([3.0, 0, 0, 0]), torch.zeros(4)])
+    torch.testing.assert_close(average, torch.tensor([C / 3, 0, 0, 0]), atol=1e-4, rtol=0)
+
+
+def test_central_dp_refuses_an_epsilon_for_a_strategy_that_changes_the_average() -> None:
+    params = {"noise_multiplier": 1.0}
+    with pytest.raises(UserError, match="central_dp_fixed: strategy FedAdam changes the average"):
+        CentralDpFixed(CentralDpFixed.Params(**params)).wrap(FedAdam(), 3, total_rounds=1)
+    unaccounted = CentralDpFixed(CentralDpFixed.Params(**params, accounting=False))
+    unaccounted.wrap(FedAdam(), 3, total_rounds=1)
+    assert "epsilon" not in unaccounted.round_metrics(1)
+    with pytest.raises(UserError, match="central_dp_adaptive: .*clipped_count_stddev"):
+        CentralDpAdaptive(CentralDpAdaptive.Params(noise_multiplier=1.0)).wrap(FedAvg(), 3, 1)
+    with pytest.raises(ValidationError, match="noise_multiplier must be > 0"):
+        CentralDpFixed.Params(noise_multiplier=0.0)
 
 
 def test_central_dp_matches_flowers_rdp_accountant() -> None:
