@@ -1,0 +1,309 @@
+"""`fedsim report DIR`: one HTML file (self-contained) and one Markdown file per sweep or run.
+
+A sweep report has the mean ± std over seeds of every setting, accuracy against epsilon,
+utility and leakage against each swept field (the defense strength), the utility-leakage
+Pareto frontier per attack, the table of all cells, and reconstruction image grids per cell.
+A single run's report has its accuracy and epsilon per round, its leakage per attacked
+observation and its image grids.
+
+The report is built once as a list of blocks (headings, text, tables, figures, images) and
+rendered twice: HTML with every image inline as a base64 PNG (one file to mail or archive),
+and Markdown with the figures written to `report_files/` and image grids linked in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fedsim import report_figures as figures
+from fedsim.errors import UserError
+from fedsim.results import RunDirectory, atomic_write_bytes, read_json
+from fedsim.sweep_spec import short_names
+from fedsim.sweep_table import (
+    MANIFEST,
+    load_results,
+    mean_std,
+    metric_columns,
+    seed_summary,
+)
+
+FIGURES_DIR = "report_files"
+GRID_HEIGHT_PX = 170
+
+
+@dataclass
+class Heading:
+    text: str
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Picture:
+    """A PNG and where the Markdown report finds it (a path relative to the report)."""
+
+    path: str
+    data: bytes
+    caption: str
+
+
+Cell = str | list[Picture]
+
+
+@dataclass
+class TableBlock:
+    headers: list[str]
+    rows: list[list[Cell]]
+
+
+Block = Heading | Text | TableBlock | Picture
+
+
+def number(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if pd.isna(value) else f"{value:.4g}"
+    return str(value)
+
+
+def frame_table(frame: pd.DataFrame) -> TableBlock:
+    frame = frame.dropna(axis="columns", how="all")
+    return TableBlock(
+        list(frame.columns), [[number(v) for v in row] for row in frame.itertuples(index=False)]
+    )
+
+
+def figure(name: str, plot: Figure, caption: str) -> Picture:
+    return Picture(f"{FIGURES_DIR}/{name}.png", figures.png(plot), caption)
+
+
+def image_grid(root: Path, cells: pd.DataFrame, labels: list[str], per_cell: int) -> TableBlock:
+    """One row per finished cell, one column per attack: its truth-vs-reconstruction PNGs
+    (the first `per_cell` attacked observations), with their scores."""
+    runs = [RunDirectory(path) for path in cells["run_dir"]]
+    attacks = sorted(
+        {
+            d.name
+            for run in runs
+            if run.attacks_dir.exists()
+            for d in run.attacks_dir.iterdir()
+            if d.is_dir()
+        }
+    )
+    rows: list[list[Cell]] = []
+    for label, seed, run in zip(labels, cells["seed"], runs):
+        row: list[Cell] = [label, number(seed)]
+        for attack in attacks:
+            pictures = []
+            for image in sorted((run.attacks_dir / attack).glob("*.png"))[:per_cell]:
+                scores = read_json(image.with_suffix(".json"))
+                caption = f"{image.stem}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}"
+                relative = image.resolve().relative_to(root.resolve()).as_posix()
+                pictures.append(Picture(relative, image.read_bytes(), caption))
+            row.append(pictures)
+        rows.append(row)
+    return TableBlock(["setting", "seed", *attacks], rows)
+
+
+def spread_table(summary: pd.DataFrame, axes: list[str], metrics: list[str]) -> TableBlock:
+    """Settings with 'mean ± std' over seeds of every metric."""
+    spread = summary[[*axes, "seeds"]].copy()
+    for metric in metrics:
+        spread[metric] = [mean_std(m, s) for m, s in zip(summary[metric], summary[f"{metric}_std"])]
+    return frame_table(spread)
+
+
+def pareto_blocks(summary: pd.DataFrame, axes: list[str]) -> list[Block]:
+    plot = figures.pareto(summary, axes)
+    if plot is None:
+        return []
+    blocks: list[Block] = [
+        Heading("Utility-leakage Pareto frontier"),
+        figure(
+            "pareto", plot, "Red: the settings no other setting beats on both accuracy and PSNR."
+        ),
+    ]
+    labels = figures.combination_labels(summary, axes)
+    accuracy = "final_test_accuracy"
+    for attack in figures.attacks_of(summary):
+        leak = f"{attack}_psnr"
+        front = figures.pareto_front(summary[leak].tolist(), summary[accuracy].tolist())
+        rows: list[list[Cell]] = [
+            [
+                label,
+                mean_std(row[accuracy], row[f"{accuracy}_std"]),
+                mean_std(row[leak], row[f"{leak}_std"]),
+            ]
+            for label, on_front, (_, row) in zip(labels, front, summary.iterrows())
+            if on_front
+        ]
+        blocks += [
+            Text(f"On the frontier for {attack}:"),
+            TableBlock(["setting", "final accuracy", f"{attack} PSNR"], rows),
+        ]
+    return blocks
+
+
+def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
+    manifest = read_json(root / MANIFEST)
+    axes: list[str] = manifest["axes"]
+    table = load_results(root)
+    done = table[table["status"] == "done"]
+    if done.empty:
+        raise UserError(f"'{root}': no finished cells yet; run `fedsim sweep` first")
+    summary = seed_summary(table, axes)
+    seeds = ", ".join(map(str, sorted(set(summary["seeds"]))))
+    blocks: list[Block] = [
+        Text(manifest.get("description") or ""),
+        Text(
+            f"{len(done)} of {len(table)} cells finished; finished seeds per setting: {seeds}. "
+            "Error bars and ± are one sample standard deviation over seeds."
+        ),
+        Heading("Mean and spread over seeds"),
+        spread_table(summary, axes, metric_columns(done)),
+    ]
+    accuracy = figures.accuracy_vs_epsilon(summary, axes)
+    if accuracy is not None:
+        blocks += [Heading("Accuracy against epsilon"), figure("accuracy_vs_epsilon", *accuracy)]
+    blocks.append(Heading("Utility and leakage against defense strength"))
+    short = short_names(axes)
+    for axis in axes:
+        plot = figures.leakage_vs_strength(summary, axes, axis)
+        blocks.append(
+            figure(f"strength_{short[axis]}", plot, f"Against {axis}; mean ± std over seeds.")
+        )
+    blocks += pareto_blocks(summary, axes)
+    blocks += [
+        Heading("Reconstructions per cell (top: truth, bottom: reconstruction)"),
+        image_grid(root, done, figures.combination_labels(done, axes), per_cell),
+        Heading("All cells"),
+        frame_table(table.drop(columns=["run_dir"])),
+    ]
+    return f"fedsim sweep report: {manifest['sweep']}", blocks
+
+
+def run_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
+    run = RunDirectory(root).require()
+    if not run.summary_path.is_file():
+        raise UserError(f"'{root}': the run has not finished (no summary.json); rerun it first")
+    scenario = read_json(run.summary_path)["scenario"]
+    row = load_results(root)
+    blocks: list[Block] = [Heading("Summary"), frame_table(row.drop(columns=["run_dir", "index"]))]
+    rounds = pd.DataFrame(list(run.metrics()))
+    if not rounds.empty:
+        plot = figures.rounds_figure(rounds)
+        blocks += [
+            Heading("Training"),
+            figure("rounds", plot, "Global test accuracy and privacy spent per round."),
+        ]
+    paths = sorted(run.attacks_dir.glob("*/*.json")) if run.attacks_dir.exists() else []
+    records = [{"attack": p.parent.name, "target": p.stem, **read_json(p)} for p in paths]
+    if records:
+        columns = ["attack", "target", "psnr", "ssim", "label_accuracy", "seconds"]
+        blocks += [
+            Heading("Leakage per attacked observation"),
+            frame_table(pd.DataFrame(records).reindex(columns=columns)),
+        ]
+    blocks += [
+        Heading("Reconstructions (top: truth, bottom: reconstruction)"),
+        image_grid(root, row, [scenario], per_cell),
+    ]
+    return f"fedsim run report: {scenario}", blocks
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1500px;padding:0 1em;color:#222}
+.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:13px;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top;white-space:nowrap}
+th{background:#f3f3f3}figure{margin:1em 0}figcaption,small{font-size:12px;color:#555}
+img{max-width:100%}td img{height:GRIDpx;max-width:none;display:block}
+""".replace("GRID", str(GRID_HEIGHT_PX))
+
+
+def html_image(picture: Picture) -> str:
+    data = base64.b64encode(picture.data).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(picture.caption)}">'
+
+
+def html_cell(cell: Cell) -> str:
+    if isinstance(cell, str):
+        return html.escape(cell)
+    return "".join(f"{html_image(p)}<small>{html.escape(p.caption)}</small>" for p in cell)
+
+
+def render_html(title: str, blocks: list[Block]) -> str:
+    """One self-contained page: every image inline as a base64 PNG."""
+    parts = [
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>",
+        f"<body><h1>{html.escape(title)}</h1>",
+    ]
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h2>{html.escape(block.text)}</h2>")
+        elif isinstance(block, Text) and block.text:
+            parts.append(f"<p>{html.escape(block.text)}</p>")
+        elif isinstance(block, TableBlock):
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html_cell(c)}</td>" for c in row) + "</tr>"
+                for row in block.rows
+            )
+            parts.append(
+                f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+            )
+        elif isinstance(block, Picture):
+            caption = html.escape(block.caption)
+            parts.append(f"<figure>{html_image(block)}<figcaption>{caption}</figcaption></figure>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def markdown_cell(cell: Cell) -> str:
+    if isinstance(cell, str):
+        return cell.replace("|", "\\|").replace("\n", " ")
+    return "<br>".join(f"![{p.caption}]({p.path})<br>{p.caption}" for p in cell)
+
+
+def render_markdown(title: str, blocks: list[Block]) -> str:
+    """The same report in Markdown; figures are files in report_files/."""
+    lines = [f"# {title}", ""]
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines += [f"## {block.text}", ""]
+        elif isinstance(block, Text) and block.text:
+            lines += [block.text, ""]
+        elif isinstance(block, TableBlock):
+            lines.append("| " + " | ".join(map(markdown_cell, block.headers)) + " |")
+            lines.append("|" + "---|" * len(block.headers))
+            lines += ["| " + " | ".join(map(markdown_cell, row)) + " |" for row in block.rows]
+            lines.append("")
+        elif isinstance(block, Picture):
+            lines += [f"![{block.caption}]({block.path})", "", f"*{block.caption}*", ""]
+    return "\n".join(lines)
+
+
+def write_report(directory: Path | str, images_per_cell: int = 1) -> tuple[Path, Path]:
+    """Write report.html and report.md (its figures in report_files/) into `directory`."""
+    root = Path(directory)
+    if (root / MANIFEST).is_file():
+        title, blocks = sweep_blocks(root, images_per_cell)
+    elif RunDirectory(root).scenario_path.is_file():
+        title, blocks = run_blocks(root, images_per_cell)
+    else:
+        raise UserError(f"'{root}' is neither a sweep directory ({MANIFEST}) nor a run directory")
+    for block in blocks:
+        if isinstance(block, Picture):  # the figures; image grids are files already
+            atomic_write_bytes(root / block.path, block.data)
+    html_path, markdown_path = root / "report.html", root / "report.md"
+    atomic_write_bytes(html_path, render_html(title, blocks).encode())
+    atomic_write_bytes(markdown_path, render_markdown(title, blocks).encode())
+    return html_path, markdown_path

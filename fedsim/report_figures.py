@@ -1,0 +1,217 @@
+"""The report's plots (matplotlib, Agg canvas, no pyplot state), from a seed summary table.
+
+Every plot takes `fedsim.sweep_table.seed_summary` output: one row per combination of axis
+values, metric means in column M and the spread over seeds in M_std (drawn as error bars).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fedsim.sweep_spec import short_names
+from fedsim.sweep_table import LEAKAGE
+
+LEAKAGE_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "label_accuracy": "label accuracy"}
+ACCURACY = "final_test_accuracy"
+
+
+def png(figure: Figure) -> bytes:
+    """The figure as PNG bytes (100 dpi)."""
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def combination_labels(summary: pd.DataFrame, axes: Sequence[str]) -> list[str]:
+    """'noise_multiplier=0.1, keep_fraction=0.5' for every row."""
+    short = short_names(axes)
+    return [
+        ", ".join(
+            f"{short[a]}={row[a]:g}" if isinstance(row[a], float) else f"{short[a]}={row[a]}"
+            for a in axes
+        )
+        for _, row in summary.iterrows()
+    ]
+
+
+def attacks_of(summary: pd.DataFrame) -> list[str]:
+    return sorted(c.removesuffix("_psnr") for c in summary.columns if c.endswith("_psnr"))
+
+
+def errorbar(
+    axis: Axes,
+    x: pd.Series,
+    y: str,
+    summary: pd.DataFrame,
+    xerr: pd.Series | None = None,
+    **style: object,
+) -> None:
+    axis.errorbar(
+        x, summary[y], yerr=summary[f"{y}_std"], xerr=xerr, capsize=3, marker="o", **style
+    )
+
+
+def accuracy_vs_epsilon(summary: pd.DataFrame, axes: Sequence[str]) -> tuple[Figure, str] | None:
+    """Final test accuracy against epsilon (log scale); None without any finite epsilon."""
+    if "epsilon" not in summary:
+        return None
+    finite = summary[np.isfinite(summary["epsilon"])]
+    if finite.empty:
+        return None
+    figure = Figure(figsize=(6.5, 4.0))
+    axis = figure.subplots()
+    errorbar(
+        axis, finite["epsilon"], ACCURACY, finite, xerr=finite["epsilon_std"], linestyle="none"
+    )
+    for label, (_, row) in zip(combination_labels(finite, axes), finite.iterrows()):
+        axis.annotate(
+            label,
+            (row["epsilon"], row[ACCURACY]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=7,
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel("epsilon (at the defense's delta; largest over clients)")
+    axis.set_ylabel("final test accuracy")
+    axis.grid(alpha=0.3)
+    left_out = len(summary) - len(finite)
+    caption = "Mean ± std over seeds." + (
+        f" {left_out} setting(s) with infinite epsilon (no noise) are not shown."
+        if left_out
+        else ""
+    )
+    return figure, caption
+
+
+def strength_positions(values: pd.Series) -> tuple[pd.Series, list[str] | None]:
+    """x positions of an axis's values: the numbers, or 0..n-1 for text (with tick labels)."""
+    if pd.api.types.is_numeric_dtype(values):
+        return values.astype(float), None
+    order = list(dict.fromkeys(values))
+    return values.map(order.index).astype(float), order
+
+
+def leakage_vs_strength(summary: pd.DataFrame, axes: Sequence[str], axis_name: str) -> Figure:
+    """Utility and every leakage metric against one axis (the defense strength).
+
+    One line per attack and per combination of the other axes' values.
+    """
+    others = [a for a in axes if a != axis_name]
+    groups = summary.groupby(others, sort=False) if others else [((), summary)]
+    panels = [ACCURACY, *(LEAKAGE if attacks_of(summary) else ())]
+    figure = Figure(figsize=(4.0 * len(panels), 3.6))
+    plots = np.atleast_1d(figure.subplots(1, len(panels)))
+    for _, group in groups:
+        group = group.sort_values(axis_name)
+        x, ticks = strength_positions(group[axis_name])
+        suffix = f" ({', '.join(combination_labels(group.head(1), others))})" if others else ""
+        errorbar(plots[0], x, ACCURACY, group, label=f"accuracy{suffix}")
+        for panel, metric in zip(plots[1:], LEAKAGE):
+            for attack in attacks_of(group):
+                errorbar(panel, x, f"{attack}_{metric}", group, label=f"{attack}{suffix}")
+    short = short_names(axes)[axis_name]
+    for panel, metric in zip(plots, panels):
+        panel.set_title("final test accuracy" if metric == ACCURACY else LEAKAGE_LABELS[metric])
+        panel.set_xlabel(short)
+        panel.grid(alpha=0.3)
+        if ticks is not None:
+            panel.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
+        elif (x > 0).sum() >= 2 and x.max() / x[x > 0].min() >= 20:
+            panel.set_xscale("symlog", linthresh=x[x > 0].min())
+        panel.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def pareto_front(leakage: Sequence[float], utility: Sequence[float]) -> list[bool]:
+    """True for each point no other point beats: none has less-or-equal leakage and
+    greater-or-equal utility with one of them strictly better. NaNs are never on the front."""
+    points = list(zip(leakage, utility))
+    front = []
+    for i, (leak, util) in enumerate(points):
+        if math.isnan(leak) or math.isnan(util):
+            front.append(False)
+            continue
+        front.append(
+            not any(
+                j != i and lj <= leak and uj >= util and (lj < leak or uj > util)
+                for j, (lj, uj) in enumerate(points)
+            )
+        )
+    return front
+
+
+def pareto(summary: pd.DataFrame, axes: Sequence[str]) -> Figure | None:
+    """Final accuracy against PSNR of each attack, with the Pareto frontier drawn."""
+    attacks = attacks_of(summary)
+    if not attacks:
+        return None
+    figure = Figure(figsize=(5.5 * len(attacks), 4.2))
+    plots = np.atleast_1d(figure.subplots(1, len(attacks)))
+    labels = combination_labels(summary, axes)
+    for plot, attack in zip(plots, attacks):
+        leak = f"{attack}_psnr"
+        plot.errorbar(
+            summary[leak],
+            summary[ACCURACY],
+            xerr=summary[f"{leak}_std"],
+            yerr=summary[f"{ACCURACY}_std"],
+            capsize=3,
+            marker="o",
+            linestyle="none",
+            color="tab:gray",
+            label="settings",
+        )
+        front = summary[
+            pareto_front(summary[leak].tolist(), summary[ACCURACY].tolist())
+        ].sort_values(leak)
+        plot.step(
+            front[leak],
+            front[ACCURACY],
+            where="post",
+            color="tab:red",
+            marker="o",
+            label="Pareto frontier",
+        )
+        for label, (_, row) in zip(labels, summary.iterrows()):
+            plot.annotate(
+                label,
+                (row[leak], row[ACCURACY]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=7,
+            )
+        plot.set_xlabel(f"{attack} reconstruction PSNR (dB, lower = less leakage)")
+        plot.set_ylabel("final test accuracy")
+        plot.set_title(f"utility vs leakage: {attack}")
+        plot.grid(alpha=0.3)
+        plot.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def rounds_figure(metrics: pd.DataFrame) -> Figure:
+    """A single run: test accuracy per round, and epsilon per round when there is one."""
+    privacy = [c for c in ("max_client_epsilon", "central_epsilon") if c in metrics]
+    figure = Figure(figsize=(5.0 * (1 + bool(privacy)), 3.6))
+    plots = np.atleast_1d(figure.subplots(1, 1 + bool(privacy)))
+    plots[0].plot(metrics["round"], metrics["test_accuracy"], marker=".")
+    plots[0].set(xlabel="round", ylabel="test accuracy", title="test accuracy")
+    for column in privacy:
+        plots[1].plot(metrics["round"], metrics[column], marker=".", label=column.replace("_", " "))
+        plots[1].set(xlabel="round", ylabel="epsilon", title="privacy spent")
+        plots[1].legend(fontsize=7)
+    for plot in plots:
+        plot.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

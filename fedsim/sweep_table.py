@@ -1,0 +1,148 @@
+"""The results table of a sweep: one row per cell, read from the files of its run directory.
+
+Columns: `cell`, `index` (the combination of axis values, shared by its seeds), `seed`, one
+column per swept field (named by its dotted path; lists and mappings as JSON text), `status`
+(done | failed | pending), utility (`final_test_accuracy`, `best_test_accuracy`), privacy
+(`epsilon`: the largest client epsilon under DP-SGD, else the central epsilon; both raw
+columns too), leakage per attack (`<attack>_psnr`, `<attack>_ssim`, `<attack>_label_accuracy`,
+means over the attacked observations), `wall_time_s` (training plus attacks) and `run_dir`.
+
+Every number is read back from the run directory, never from memory, so a resumed sweep
+and a fresh one give the same table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import numbers
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedsim.errors import UserError
+from fedsim.results import RunDirectory, atomic_write_bytes, read_json
+
+MANIFEST = "cells.json"
+"""Written by `fedsim sweep` into the sweep directory: its axes and cells, in order."""
+ERROR_FILE = "error.txt"
+"""Written into a cell's run directory when the cell failed (removed when it is retried)."""
+LEAKAGE = ("psnr", "ssim", "label_accuracy")
+UTILITY = ("final_test_accuracy", "best_test_accuracy")
+PRIVACY = ("epsilon", "max_client_epsilon", "central_epsilon")
+
+
+def run_status(run_dir: Path) -> str:
+    if RunDirectory(run_dir).summary_path.is_file():
+        return "done"
+    return "failed" if (run_dir / ERROR_FILE).is_file() else "pending"
+
+
+def run_metrics(run_dir: Path) -> dict[str, Any]:
+    """Utility, privacy, leakage and wall time of one finished run directory."""
+    run = RunDirectory(run_dir)
+    summary = read_json(run.summary_path)
+    training = summary["training"] or {}
+    row: dict[str, Any] = {key: training.get(key) for key in UTILITY}
+    privacy = summary["privacy"]
+    row["epsilon"] = privacy.get("max_client_epsilon", privacy.get("central_epsilon"))
+    row.update({key: privacy[key] for key in PRIVACY[1:] if key in privacy})
+    for attack, scores in summary["attacks"].items():
+        row.update({f"{attack}_{metric}": scores[metric] for metric in LEAKAGE})
+    attack_seconds = sum(read_json(p).get("seconds", 0.0) for p in run.attacks_dir.glob("*/*.json"))
+    row["wall_time_s"] = training.get("wall_time_s", 0.0) + attack_seconds
+    return row
+
+
+def axis_column(values: list[Any]) -> list[Any]:
+    """Numbers stay numbers and text stays text; anything else (lists, mappings, a mix of
+    kinds) becomes JSON text, so the column has one type and fits Parquet."""
+    if all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        return values
+    if all(isinstance(v, (str, bool)) for v in values) and len({type(v) for v in values}) == 1:
+        return values
+    return [json.dumps(v, sort_keys=True) for v in values]
+
+
+def load_results(path: Path | str) -> pd.DataFrame:
+    """The results table of a sweep directory (one row per cell) or of one run directory.
+
+    Unfinished cells have a row too (status pending or failed) with empty metrics.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        manifest = read_json(path / MANIFEST)
+        axes, cells = manifest["axes"], manifest["cells"]
+    elif RunDirectory(path).scenario_path.is_file():
+        axes, cells = [], [{"name": ".", "index": 0, "seed": None, "values": {}}]
+    else:
+        raise UserError(f"'{path}' is neither a sweep directory ({MANIFEST}) nor a run directory")
+    rows = []
+    for cell in cells:
+        run_dir = (path / cell["name"]).resolve()
+        status = run_status(run_dir)
+        rows.append(
+            {
+                "cell": run_dir.name,
+                "index": cell["index"],
+                "seed": cell["seed"] if cell["seed"] is not None else seed_of(run_dir),
+                **cell["values"],
+                "status": status,
+                **(run_metrics(run_dir) if status == "done" else {}),
+                "run_dir": str(run_dir),
+            }
+        )
+    table = pd.DataFrame(rows)
+    for axis in axes:
+        table[axis] = axis_column(table[axis].tolist())
+    metric_columns = [c for c in table.columns if c not in {"cell", "status", "run_dir", *axes}]
+    table[metric_columns] = table[metric_columns].apply(pd.to_numeric, errors="coerce")
+    front = ["cell", "index", "seed", *axes, "status"]
+    return table[front + [c for c in table.columns if c not in front]]
+
+
+def seed_of(run_dir: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load(RunDirectory(run_dir).scenario_path.read_text())["seed"])
+
+
+def write_results(sweep_dir: Path) -> pd.DataFrame:
+    """Write results.csv and results.parquet into the sweep directory (atomically)."""
+    table = load_results(sweep_dir)
+    atomic_write_bytes(sweep_dir / "results.csv", table.to_csv(index=False).encode())
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(sweep_dir / "results.parquet", buffer.getvalue())
+    return table
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    """Utility, privacy and leakage columns present (with a value) in `table`."""
+    known = [*UTILITY, *PRIVACY]
+    leakage = sorted(c for c in table.columns if any(c.endswith(f"_{m}") for m in LEAKAGE))
+    return [c for c in [*known, *leakage, "wall_time_s"] if c in table and table[c].notna().any()]
+
+
+def mean_std(mean: float, std: float, digits: int = 4) -> str:
+    """'0.4471 ± 0.0039' ('-' for no value; the spread left out when it is 0)."""
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.{digits}g} ± {std:.2g}" if std else f"{mean:.{digits}g}"
+
+
+def seed_summary(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Mean and spread over seeds of every finished combination of axis values.
+
+    One row per `index`; for each metric M a column M (mean) and M_std (sample standard
+    deviation over seeds, 0 with a single seed); `seeds` counts the finished seeds.
+    """
+    done = table[table["status"] == "done"]
+    metrics = metric_columns(done)
+    grouped = done.groupby("index", sort=True)
+    summary = grouped[axes].first() if axes else pd.DataFrame(index=grouped.size().index)
+    summary["seeds"] = grouped.size()
+    means = grouped[metrics].mean()
+    spreads = grouped[metrics].std(ddof=1).fillna(0.0).add_suffix("_std")
+    return pd.concat([summary, means, spreads], axis=1).reset_index()
