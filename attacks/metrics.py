@@ -7,12 +7,16 @@ order, so every score first pairs each true image with the reconstruction closes
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
@@ -29,6 +33,10 @@ and JSON files stay finite. 100 dB is an MSE of 1e-10, far below float32 image n
 SSIM_KERNEL = 11
 SSIM_SIGMA = 1.5
 """Wang et al.'s standard SSIM window: an 11x11 Gaussian with sigma 1.5."""
+
+LPIPS_MIN_SIDE = 64
+"""LPIPS's AlexNet needs far more than 8x8 pixels: smaller images are upsampled (bilinear)
+to 64x64 first, and grey images repeated over three channels."""
 
 
 def pair_by_best_match(recon: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,13 +107,99 @@ def score_images(
     truth = truth.detach().float().cpu()[truth_idx]
     mse = (recon - truth).square().flatten(1).mean(dim=1)
     psnr = psnr_per_image(recon, truth)
-    return {
+    scores: dict[str, float | list[float]] = {
         "mse": mse.mean().item(),
         "psnr": psnr.mean().item(),
         "ssim": ssim_per_image(recon, truth).mean().item(),
         "label_accuracy": label_accuracy(recon_labels.cpu(), true_labels.cpu()[truth_idx]),
         "psnr_per_image": psnr.tolist(),
     }
+    lpips = lpips_metric()
+    if lpips is not None and truth.shape[1] in (1, 3):
+        scores["lpips"] = lpips(lpips_input(recon), lpips_input(truth))
+    return scores
+
+
+@functools.cache
+def lpips_metric() -> Callable[[Tensor, Tensor], float] | None:
+    """Mean LPIPS (torchmetrics, AlexNet, inputs in [0, 1]) when torchvision and the
+    pretrained weights are available here; else None, logged once, and the score is left out."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    except (ImportError, OSError, RuntimeError) as err:
+        logging.getLogger(__name__).info("LPIPS left out of the scores: %s", err)
+        return None
+
+    def mean_lpips(recon: Tensor, truth: Tensor) -> float:
+        metric.reset()
+        return float(metric(recon, truth))
+
+    return mean_lpips
+
+
+def lpips_input(images: Tensor) -> Tensor:
+    """Three channels and at least `LPIPS_MIN_SIDE` pixels a side, values still in [0, 1]."""
+    images = images.clamp(0, 1).expand(-1, 3, -1, -1)
+    scale = -(-LPIPS_MIN_SIDE // min(images.shape[-2:]))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    return images
+
+
+def score_features(
+    recon: Tensor, truth: Tensor, recon_labels: Tensor, true_labels: Tensor, period: float | None = None
+) -> dict[str, float | list[float]]:
+    """Feature vectors (B, F) in [0, 1], where SSIM means nothing: MSE, PSNR, and the mean
+    and largest per-feature error, measured around the circle when the attack says its
+    inputs are periodic with `period` (a Fourier-encoded feature x and x + 1 are the same
+    input). Labels: accuracy for classes, mean absolute error for regression targets.
+    """
+    truth_idx, recon_idx = pair_by_best_match(recon, truth)
+    recon = recon.detach().double().cpu()[recon_idx].flatten(1)
+    truth = truth.detach().double().cpu()[truth_idx].flatten(1)
+    error = (recon - truth).abs()
+    if period is not None:
+        error = torch.minimum(error % period, period - error % period)
+    scores: dict[str, float | list[float]] = {
+        "mse": (recon - truth).square().mean().item(),
+        "psnr": psnr_per_image(recon, truth).mean().item(),
+        "feature_error": error.mean().item(),
+        "max_feature_error": error.max().item(),
+    }
+    true_labels = true_labels.cpu()[truth_idx]
+    if true_labels.is_floating_point():
+        scores["label_error"] = (recon_labels.cpu()[recon_idx].double() - true_labels.double()).abs().mean().item()
+    else:
+        scores["label_accuracy"] = label_accuracy(recon_labels.cpu(), true_labels)
+    return scores
+
+
+def score_reconstruction(
+    recon_images: Tensor, truth: Tensor, recon_labels: Tensor, true_labels: Tensor, details: dict
+) -> dict[str, float | list[float]]:
+    """`score_images` for images (B, C, H, W), `score_features` for feature vectors."""
+    if truth.dim() == 4:
+        return score_images(recon_images, truth, recon_labels, true_labels)
+    return score_features(recon_images, truth, recon_labels, true_labels, details.get("period"))
+
+
+SUMMARY_KEYS = ("mse", "psnr", "ssim", "feature_error", "label_accuracy", "label_error", "attack_loss")
+"""The scores a run summary averages over an attack's targets (those every record has)."""
+
+
+def describe_scores(scores: dict) -> str:
+    """One line for the console: image or feature quality, then labels."""
+    if "ssim" in scores:
+        parts = [f"PSNR {scores['psnr']:.1f} dB", f"SSIM {scores['ssim']:.3f}"]
+    else:
+        parts = [f"feature error {scores['feature_error']:.4f}"]
+    if "label_accuracy" in scores:
+        parts.append(f"labels {scores['label_accuracy']:.2f}")
+    if "label_error" in scores:
+        parts.append(f"label error {scores['label_error']:.3f}")
+    return "  ".join(parts)
 
 
 def save_image_grid(truth: Tensor, recon: Tensor, path: Path, title: str = "") -> None:

@@ -1,0 +1,87 @@
+"""Speed of the gradient-inversion attacks, and what batched restarts cost.
+
+For DLG (L-BFGS, sigmoid LeNet) and Inverting Gradients (signed Adam, ConvNet) on real 8x8
+digits at batch 1 and 4, it times `attack.reconstruct` for R = 1, 8 and 32 restarts, which
+run as one vectorised problem, and prints iterations per second and the cost of R restarts
+relative to one. Running R restarts as a Python loop would cost R times one.
+
+    python benchmarks/attack_speed.py [--iterations 40] [--repeats 3] [--threads 1]
+
+Each figure is the fastest of `repeats` runs (the machine may be shared), after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from sklearn.datasets import load_digits
+
+from attacks.dlg import DLG
+from attacks.inverting_gradients import InvertingGradients
+from attacks.targets import from_local_training
+from fedsim.attack import Attack, GradientTarget
+from fedsim.data import TensorData
+from fedsim.registry import MODELS
+from fedsim.training import LocalHyperParams
+
+SHAPE = (1, 8, 8)
+CASES = (("dlg", DLG, "lenet"), ("ig", InvertingGradients, "convnet"))
+BATCHES = (1, 4)
+RESTARTS = (1, 8, 32)
+
+
+def target(model_name: str, batch: int) -> GradientTarget:
+    """One untrained model's one-step update on the first `batch` digits."""
+    digits = load_digits()
+    data = TensorData(torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1), torch.tensor(digits.target), 10)
+    torch.manual_seed(0)
+    cls = MODELS.get(model_name)
+    model = cls(cls.Params(), SHAPE, 10)
+    hp = LocalHyperParams(lr=0.1, batch_size=batch, local_epochs=1, local_steps=1, optimizer="sgd", momentum=0.0, weight_decay=0.0)
+    return from_local_training(model, data.subset(list(range(batch))), hp)[0]
+
+
+def seconds(attack: Attack, observed: GradientTarget, repeats: int) -> float:
+    """Fastest wall time of `repeats` reconstructions, after one warm-up."""
+    attack.reconstruct(observed)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        attack.reconstruct(observed)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    table = Table(title=f"gradient inversion speed (CPU, {args.threads} thread(s), {args.iterations} iterations)")
+    for column in ("attack", "model", "batch", "restarts", "iterations/s", "ms/iteration", "cost vs R=1"):
+        table.add_column(column, justify="right")
+    for name, cls, model_name in CASES:
+        for batch in BATCHES:
+            observed = target(model_name, batch)
+            single = None
+            for restarts in RESTARTS:
+                params = cls.Params(iterations=args.iterations, restarts=restarts)
+                elapsed = seconds(cls(params, seed=0), observed, args.repeats)
+                single = single or elapsed
+                table.add_row(
+                    name, model_name, str(batch), str(restarts),
+                    f"{args.iterations / elapsed:.1f}", f"{1000 * elapsed / args.iterations:.2f}",
+                    f"{elapsed / single:.2f}x",
+                )  # fmt: skip
+    Console(width=120).print(table)
+
+
+if __name__ == "__main__":
+    main()

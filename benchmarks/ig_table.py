@@ -1,0 +1,154 @@
+"""PSNR of Inverting Gradients and FedAvg-update inversion by batch size and by local steps.
+
+Clients hold `batch` real 8x8 digits each and take `steps` local SGD steps on them (every
+step on the whole local data, lr 0.05) on an untrained ConvNet (width 32); the server
+inverts each client's update. `fedavg_inversion` unrolls the steps, `ig` treats the update
+as one gradient. Labels are inferred (mean-softmax counts). The clients of a cell are one
+vectorised problem. Also: label-inference accuracy of the mean-softmax counts against LLG's
+simple rule (Wainakh et al. 2022), PSNR of `ig` by TV weight, and a grid of truth over
+reconstruction.
+
+    python benchmarks/ig_table.py [--iterations 500] [--restarts 2] [--clients 3] [--grid PATH]
+                                  [--sections psnr labels tv]
+
+Prints markdown tables (docs/gradient_inversion.md holds the figures of one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from sklearn.datasets import load_digits
+from torch import Tensor
+
+from attacks.fedavg_inversion import FedAvgInversion
+from attacks.gradient_matching import GradientInversion, mean_step_gradient
+from attacks.inverting_gradients import InvertingGradients
+from attacks.label_inference import infer_labels, last_layer
+from attacks.metrics import label_accuracy, save_image_grid, score_images
+from attacks.targets import from_local_training
+from fedsim.attack import GradientTarget
+from fedsim.data import TensorData
+from fedsim.registry import MODELS
+from fedsim.training import LocalHyperParams
+
+SHAPE = (1, 8, 8)
+BATCHES = (1, 2, 4, 8)
+STEPS = (1, 5, 10)
+LABEL_BATCHES = (2, 4, 8, 16)
+LABEL_TRIALS = 40
+TV_WEIGHTS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def digits() -> TensorData:
+    data = load_digits()
+    return TensorData(torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1), torch.tensor(data.target), 10)
+
+
+def clients(data: TensorData, batch: int, steps: int, count: int) -> list[tuple[GradientTarget, TensorData]]:
+    """`count` clients, each with its own untrained ConvNet and `batch` distinct digits."""
+    observed = []
+    for index in range(count):
+        torch.manual_seed(index)
+        cls = MODELS.get("convnet")
+        model = cls(cls.Params(width=32), SHAPE, 10)
+        hp = LocalHyperParams(lr=0.05, batch_size=batch, local_epochs=1, local_steps=steps, optimizer="sgd", momentum=0.0, weight_decay=0.0)
+        start = 100 * index + 8 * steps + batch  # different digits in every cell
+        observed.append(from_local_training(model, data.subset(list(range(start, start + batch))), hp, client=index))
+    return observed
+
+
+def cell(attack: GradientInversion, observed: list[tuple[GradientTarget, TensorData]]) -> tuple[str, list]:
+    """'mean (min) PSNR, label accuracy, seconds' of one attack on the cell's clients."""
+    started = time.perf_counter()
+    recons = attack.reconstruct_many([t for t, _ in observed])
+    elapsed = time.perf_counter() - started
+    scores = [score_images(r.images, used.x, r.labels, used.y) for r, (_, used) in zip(recons, observed, strict=True)]
+    psnr = [s["psnr"] for s in scores]
+    labels = sum(s["label_accuracy"] for s in scores) / len(scores)
+    return f"{sum(psnr) / len(psnr):.1f} ({min(psnr):.1f}) | {labels:.2f} | {elapsed:.0f}", recons
+
+
+def llg_labels(weight_gradient: Tensor, count: int) -> Tensor:
+    """LLG's simple rule (Wainakh et al. 2022): classes with a negative weight-row sum first,
+    then repeatedly the most negative row after subtracting the estimated impact m."""
+    rows = weight_gradient.sum(dim=1).clone()
+    labels = [int(k) for k in (rows < 0).nonzero().flatten()]
+    impact = rows[rows < 0].sum() * (1 + 1 / len(rows)) / count
+    rows[rows < 0] -= impact
+    while len(labels) < count:
+        k = int(rows.argmin())
+        labels.append(k)
+        rows[k] -= impact
+    return torch.tensor(labels[:count])
+
+
+def psnr_table(data: TensorData, attacks: list[GradientInversion], count: int, grid: Path) -> None:
+    print("\n| batch | local steps | fedavg_inversion | ig (one gradient) |\n|---|---|---|---|")
+    cells = [(batch, 5) for batch in BATCHES] + [(4, steps) for steps in STEPS if steps != 5]
+    for batch, steps in cells:
+        observed = clients(data, batch, steps, count)
+        results = [cell(attack, observed) for attack in attacks]
+        print(f"| {batch} | {steps} | {results[0][0]} | {results[1][0]} |", flush=True)
+        if (batch, steps) == (4, 5):
+            truth = torch.cat([used.x for _, used in observed])
+            save_image_grid(truth, torch.cat([r.images for r in results[0][1]]), grid,
+                            title="fedavg_inversion: 4 digits per client, 5 local steps")  # fmt: skip
+
+
+def label_table(data: TensorData) -> None:
+    print("\n| model | batch | mean-softmax counts | LLG simple |\n|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for model_name in ("lenet", "convnet"):
+        for batch in LABEL_BATCHES:
+            ours, llg = [], []
+            for trial in range(LABEL_TRIALS):
+                torch.manual_seed(trial)
+                cls = MODELS.get(model_name)
+                model = cls(cls.Params(), SHAPE, 10)
+                chosen = torch.randperm(len(data), generator=generator)[:batch].tolist()
+                hp = LocalHyperParams(lr=0.1, batch_size=batch, local_epochs=1, local_steps=1, optimizer="sgd", momentum=0.0, weight_decay=0.0)
+                target, used = from_local_training(model, data.subset(chosen), hp)
+                gradient = mean_step_gradient(target)
+                labels, _ = infer_labels(target, gradient, batch, generator, "benchmark")
+                ours.append(label_accuracy(labels, used.y))
+                llg.append(label_accuracy(llg_labels(gradient[last_layer(target)[0]], batch), used.y))
+            print(f"| {model_name} | {batch} | {sum(ours) / len(ours):.3f} | {sum(llg) / len(llg):.3f} |")
+
+
+def tv_table(data: TensorData, iterations: int, restarts: int, count: int) -> None:
+    print("\n`ig`, batch 4, one local step\n\n| TV weight | PSNR dB mean (min) / label accuracy / seconds |\n|---|---|")
+    observed = clients(data, 4, 1, count)
+    for tv in TV_WEIGHTS:
+        attack = InvertingGradients(InvertingGradients.Params(iterations=iterations, restarts=restarts, tv=tv), seed=0)
+        print(f"| {tv:g} | {cell(attack, observed)[0].replace(' | ', ' / ')} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=500)
+    parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--grid", type=Path, default=Path("docs/gradient_inversion_fedavg_b4.png"))
+    parser.add_argument("--sections", nargs="+", choices=("psnr", "labels", "tv"), default=["psnr", "labels", "tv"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = digits()
+    settings = {"iterations": args.iterations, "restarts": args.restarts}
+    attacks = [cls(cls.Params(**settings), seed=0) for cls in (FedAvgInversion, InvertingGradients)]
+
+    print(f"{args.clients} clients per cell, {args.iterations} iterations, {args.restarts} restarts; "
+          "PSNR dB mean (min) | label accuracy | seconds")
+    if "psnr" in args.sections:
+        psnr_table(data, attacks, args.clients, args.grid)
+    if "labels" in args.sections:
+        label_table(data)
+    if "tv" in args.sections:
+        tv_table(data, args.iterations, args.restarts, args.clients)
+
+
+if __name__ == "__main__":
+    main()
