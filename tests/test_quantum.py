@@ -1,0 +1,434 @@
+"""Quantum models, their DP-SGD and the attacks on their gradients, measured in numbers.
+
+Small circuits and few iterations only: the study over m, qubits and layers is
+`benchmarks/quantum_study.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pennylane")
+
+import torch
+from opacus import GradSampleModule
+from pydantic import ValidationError
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from attacks.quantum_landscape import (
+    QuantumGridScan,
+    feature_grid,
+    grid_size,
+    local_minima,
+    loss_on_grid,
+)
+from attacks.quantum_learned import QuantumLearned
+from attacks.quantum_matching import QuantumGradientMatching, local_search
+from attacks.quantum_oracle import QuantumGradientOracle, circular_distance
+from defenses.dp_sgd import DpSgd
+from fedsim.attack import GradientTarget
+from fedsim.config import build_scenario
+from fedsim.data import FederatedData, TensorData
+from fedsim.defense import LocalTraining
+from fedsim.errors import UserError
+from fedsim.models.quantum import VQC, Hybrid
+from fedsim.registry import DATASETS
+from fedsim.runner import run_scenario
+from fedsim.training import SquaredError, evaluate
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Secure RNG turned off",
+    "ignore:Optimal order is the",
+    "ignore:Full backward hook is firing",
+)
+ANSATZE = ("hardware_efficient", "strongly_entangling", "basic_entangler")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Small circuits run many times faster on one torch thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fourier_vqc(m: int, layers: int, seed: int = 0, **changes: object) -> VQC:
+    """Kumar et al.'s model: one feature on m qubits, HEA, tensor-Z readout, regression."""
+    torch.manual_seed(seed)
+    params = VQC.Params(
+        encoding="fourier",
+        qubits_per_feature=m,
+        reupload=False,
+        layers=layers,
+        observable="tensor_z",
+        **changes,
+    )
+    return VQC(params, (1,), 1)
+
+
+def observed_target(
+    model: VQC, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1
+) -> GradientTarget:
+    """What the server sees after one SGD step of `model` on (x, y), label included."""
+    model.zero_grad()
+    SquaredError()(model(x), y).backward()
+    update = {"quantum.weights": -lr * model.quantum.weights.grad.detach().clone()}
+    return GradientTarget(
+        model=model, update=update, num_examples=1, lr=lr, local_steps=1, batch_size=1,
+        input_shape=(1,), num_classes=0, server_round=1, client=0, known_labels=y,
+    )  # fmt: skip
+
+
+def random_example(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 1, generator=generator), torch.rand(1, generator=generator) * 2 - 1
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ansatz", ANSATZE)
+@pytest.mark.parametrize("encoding", ["angle", "fourier"])
+def test_vqc_size_and_outputs(ansatz: str, encoding: str) -> None:
+    model = VQC(
+        VQC.Params(ansatz=ansatz, encoding=encoding, qubits_per_feature=2, layers=3), (3,), 3
+    )
+    qubits = 6 if encoding == "fourier" else 3
+    per_layer = {"hardware_efficient": 2, "strongly_entangling": 3, "basic_entangler": 1}[ansatz]
+    assert model.num_qubits == qubits
+    assert (
+        model.circuit_parameters
+        == 3 * qubits * per_layer
+        == sum(p.numel() for p in model.parameters())
+    )
+    assert model.overparameterised == (model.circuit_parameters >= 4 * qubits)
+    out = model(torch.rand(5, 3))
+    assert out.shape == (5, 3) and out.dtype == torch.float32 and out.abs().max() <= 1
+
+
+def test_hybrid_trains_any_shape_and_reports_its_circuit() -> None:
+    torch.manual_seed(0)
+    model = Hybrid(Hybrid.Params(hidden=[8], quantum_features=3, layers=2), (1, 8, 8), 10)
+    assert model(torch.rand(4, 1, 8, 8)).shape == (4, 10)
+    assert (model.num_qubits, model.circuit_parameters, model.overparameterised) == (3, 12, True)
+    assert model.dla_dimension() == 63  # HEA on 3 qubits generates all of su(8)
+
+
+def test_dla_dimensions() -> None:
+    """HEA on 2 qubits: su(4), 15. BasicEntanglerLayers (RX + CNOT ring) on 2 qubits: 3."""
+    assert VQC(VQC.Params(layers=2), (2,), 2).dla_dimension() == 15
+    assert VQC(VQC.Params(ansatz="basic_entangler", layers=2), (2,), 2).dla_dimension() == 3
+
+
+def test_fourier_encoding_is_periodic_with_the_predicted_spectrum() -> None:
+    """f(x + 1) = f(x), and f's frequencies are the sums s_1 + 5 s_2 (s_k in {-1, 0, 1}):
+    3^m of them (not 5^m), the highest (5^m - 1) / 4."""
+    model = fourier_vqc(m=2, layers=2)
+    assert model.quantum.circuit.max_frequency == 6
+    x = torch.rand(7, 1, dtype=torch.float64)
+    with torch.no_grad():
+        sim = model.double()
+        assert torch.allclose(sim(x), sim(x + 1), atol=1e-10)
+        samples = sim(torch.arange(64, dtype=torch.float64).unsqueeze(1) / 64).flatten()
+    spectrum = torch.fft.rfft(samples).abs() / 64
+    assert set(torch.nonzero(spectrum > 1e-10).flatten().tolist()) <= {0, 1, 4, 5, 6}
+    assert spectrum[6] > 1e-4  # the highest frequency is present
+
+
+def test_model_errors_are_one_line_user_errors() -> None:
+    with pytest.raises(UserError, match="64 qubits, above the 20"):
+        VQC(VQC.Params(), (64,), 10)
+    with pytest.raises(UserError, match="per_qubit_z"):
+        VQC(VQC.Params(observable="tensor_z"), (4,), 10)
+    with pytest.raises(ValidationError, match="backprop needs device default.qubit"):
+        VQC.Params(device="lightning.qubit")
+    with pytest.raises(ValidationError, match="with shots use parameter-shift"):
+        VQC.Params(shots=100)
+    with pytest.raises(ValidationError, match="not installed"):
+        VQC.Params(device="lightning.gpuu")
+
+
+def test_lightning_adjoint_and_shots_agree_with_default_qubit() -> None:
+    x = torch.rand(6, 2)
+    torch.manual_seed(1)
+    exact = VQC(VQC.Params(), (2,), 2)
+    torch.manual_seed(1)
+    lightning = VQC(VQC.Params(device="lightning.qubit", diff_method="adjoint"), (2,), 2)
+    assert torch.allclose(exact(x), lightning(x), atol=1e-5)
+    torch.manual_seed(1)
+    noisy = VQC(VQC.Params(diff_method="parameter-shift", shots=2000), (2,), 2)
+    noisy_first = noisy(x)
+    error = (noisy_first - exact(x)).abs().max()
+    assert 0 < error < 5 / math.sqrt(2000)  # shot noise: std <= 1 / sqrt(shots)
+    torch.manual_seed(1)  # the same torch seed gives the same shot noise
+    again = VQC(VQC.Params(diff_method="parameter-shift", shots=2000), (2,), 2)
+    assert torch.equal(noisy_first, again(x))
+
+
+# --- data and task ----------------------------------------------------------------------------
+
+
+def test_digits_features_and_regression_dataset() -> None:
+    digits = DATASETS.get("digits").load(DATASETS.get("digits").Params(features=6), 0)
+    assert digits.x.shape == (1797, 6) and digits.x.min() == 0 and digits.x.max() == 1
+    regression = DATASETS.get("regression")
+    data = regression.load(regression.Params(num_examples=300, features=2, noise=0.0), 5)
+    assert (
+        data.is_regression
+        and data.y.dtype == torch.float32
+        and data.y.abs().max() == pytest.approx(0.8)
+    )
+    assert torch.equal(
+        data.y, regression.load(regression.Params(num_examples=300, features=2, noise=0.0), 5).y
+    )
+
+
+def test_regression_refuses_label_partitioners_and_scores_r2() -> None:
+    from fedsim.config import DataConfig
+
+    with pytest.raises(UserError, match="use partitioner iid"):
+        FederatedData(DataConfig(dataset="regression", partitioner="dirichlet"), 0)
+    x = torch.rand(50, 1)
+    data = TensorData(x, torch.sin(6 * x[:, 0]), 0)
+
+    class Oracle(nn.Module):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return torch.sin(6 * inputs)
+
+    assert evaluate(Oracle(), data) == {"loss": 0.0, "accuracy": 1.0, "num-examples": 50}
+    assert evaluate(_constant(float(data.y.mean())), data)["accuracy"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def _constant(value: float) -> nn.Module:
+    layer = nn.Linear(1, 1)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.fill_(value)
+    return layer
+
+
+# --- per-example gradients and DP-SGD ---------------------------------------------------------
+
+
+def per_example_loop(
+    model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> list[torch.Tensor]:
+    grads = []
+    for i in range(len(x)):
+        model.zero_grad()
+        criterion(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    return [torch.stack(column) for column in zip(*grads)]
+
+
+@pytest.mark.parametrize("ansatz", ANSATZE)
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_opacus_per_example_gradients_equal_a_per_example_loop(ansatz: str, mode: str) -> None:
+    """Every parameter of a vqc (regression) and a hybrid (classes), to 1e-6."""
+    torch.manual_seed(0)
+    cases = [
+        (VQC(VQC.Params(ansatz=ansatz, encoding="fourier", qubits_per_feature=2, observable="tensor_z"), (2,), 1),
+         SquaredError(reduction="sum"), torch.rand(6, 2), torch.rand(6)),
+        (Hybrid(Hybrid.Params(ansatz=ansatz, hidden=[5], quantum_features=3), (4,), 4),
+         nn.CrossEntropyLoss(reduction="sum"), torch.rand(6, 4), torch.randint(0, 4, (6,))),
+    ]  # fmt: skip
+    for model, criterion, x, y in cases:
+        expected = per_example_loop(model, criterion, x, y)
+        wrapped = GradSampleModule(model, loss_reduction="sum", force_functorch=mode == "functorch")
+        wrapped.zero_grad()
+        criterion(wrapped(x), y).backward()
+        for (name, p), want in zip(model.named_parameters(), expected, strict=True):
+            assert p.grad_sample.shape == want.shape, name
+            assert (p.grad_sample - want).abs().max() < 1e-6, name
+            assert want.abs().max() > 1e-3, name  # not trivially zero
+        wrapped._close()
+
+
+def dp_training() -> LocalTraining:
+    return LocalTraining(
+        num_examples=32,
+        batch_size=8,
+        local_epochs=1,
+        local_steps=None,
+        total_rounds=1,
+        server_round=1,
+        seed=0,
+    )
+
+
+def dp_prepare(model: nn.Module, features: int, **params: object) -> None:
+    loader = DataLoader(
+        TensorDataset(torch.rand(32, features), torch.randint(0, 2, (32,))), batch_size=8
+    )
+    defense = DpSgd(DpSgd.Params(**params))
+    defense.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, dp_training(), {})
+    defense.finish({})
+
+
+def test_dp_sgd_accepts_quantum_models_and_refuses_what_it_cannot_verify() -> None:
+    torch.manual_seed(0)
+    dp_prepare(Hybrid(Hybrid.Params(quantum_features=2), (3,), 2), 3)  # checked, accepted
+    dp_prepare(VQC(VQC.Params(), (2,), 2), 2, grad_sample_mode="functorch")
+    with pytest.raises(UserError, match="finite shots"):
+        dp_prepare(VQC(VQC.Params(diff_method="parameter-shift", shots=100), (2,), 2), 2)
+    with pytest.raises(UserError, match="use hooks"):
+        dp_prepare(VQC(VQC.Params(), (2,), 2), 2, grad_sample_mode="ew")
+
+
+# --- attacks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels", ["known", "unknown"])
+def test_attack_loss_vanishes_at_the_truth_and_implies_the_label(labels: str) -> None:
+    x, y = random_example(3)
+    target = observed_target(fourier_vqc(m=2, layers=2), x, y)
+    oracle = QuantumGradientOracle.for_target(target, y if labels == "known" else None)
+    at_truth = oracle(x.double(), create_graph=False)
+    assert at_truth.loss.item() < 1e-10
+    assert at_truth.labels.item() == pytest.approx(y.item(), abs=1e-5)
+    assert (
+        oracle(
+            torch.tensor([[x.item() + 0.3]], dtype=torch.float64), create_graph=False
+        ).loss.item()
+        > 1e-3
+    )
+
+
+def test_batched_restarts_move_exactly_like_separate_runs() -> None:
+    x, y = random_example(4)
+    oracle = QuantumGradientOracle.for_target(observed_target(fourier_vqc(m=2, layers=2), x, y), y)
+    starts = torch.rand(5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    together, losses, _ = local_search(oracle, starts, iterations=15, lr=0.01)
+    for i in range(5):
+        alone, loss, _ = local_search(oracle, starts[i : i + 1], iterations=15, lr=0.01)
+        assert torch.allclose(together[i], alone[0], atol=1e-10) and torch.allclose(
+            losses[i], loss[0], atol=1e-10
+        )
+
+
+def test_attacks_use_backprop_even_when_the_client_used_adjoint() -> None:
+    """Adjoint gets second derivatives wrong; the attack's oracle must not depend on it."""
+    x, y = random_example(5)
+    exact = observed_target(fourier_vqc(m=2, layers=2), x, y)
+    adjoint = observed_target(
+        fourier_vqc(m=2, layers=2, device="lightning.qubit", diff_method="adjoint"), x, y
+    )
+    probe = torch.tensor([[0.37]], dtype=torch.float64, requires_grad=True)
+    slopes = []
+    for target in (exact, adjoint):
+        (slope,) = torch.autograd.grad(
+            QuantumGradientOracle.for_target(target, y)(probe).loss.sum(), probe
+        )
+        slopes.append(slope)
+    assert torch.allclose(slopes[0], slopes[1], rtol=1e-4)
+
+
+def test_one_qubit_per_feature_gradient_matching_recovers_x() -> None:
+    """m = 1 (Kumar et al.: minima cluster at the truth): most trials within eps = 0.01."""
+    distances = []
+    for seed in range(6):
+        x, y = random_example(seed)
+        attack = QuantumGradientMatching(
+            QuantumGradientMatching.Params(labels="known", restarts=10), seed=seed
+        )
+        recon = attack.reconstruct(observed_target(fourier_vqc(m=1, layers=2, seed=seed), x, y))
+        distances.append(
+            circular_distance(recon.images.flatten().double(), x.flatten().double()).item()
+        )
+        assert recon.details["period"] == 1.0
+    assert sum(d < 0.01 for d in distances) >= 5, distances
+
+
+def test_grid_scan_finds_x_where_minima_multiply() -> None:
+    """m = 3: many local minima, yet the global scan lands on the truth."""
+    x, y = random_example(7)
+    target = observed_target(fourier_vqc(m=3, layers=2, seed=7), x, y)
+    recon = QuantumGridScan(QuantumGridScan.Params(labels="known"), seed=0).reconstruct(target)
+    assert circular_distance(recon.images.flatten().double(), x.flatten().double()).item() < 1e-3
+    assert recon.attack_loss < 1e-8
+
+
+def test_local_minima_multiply_with_qubits_per_feature() -> None:
+    counts = []
+    for m in (1, 2, 3):
+        x, y = random_example(m)
+        oracle = QuantumGradientOracle.for_target(
+            observed_target(fourier_vqc(m=m, layers=2, seed=m), x, y), y
+        )
+        values = loss_on_grid(
+            oracle, feature_grid(grid_size(oracle, 16), 1, periodic=True), chunk=8192
+        )
+        counts.append(len(local_minima(values, periodic=True)))
+    assert counts[0] < counts[1] < counts[2] and counts[2] > 15, counts
+    assert local_minima(torch.tensor([3.0, 1.0, 2.0, 0.5, 4.0]), periodic=True).tolist() == [1, 3]
+
+
+def test_learned_attack_reports_its_size_and_held_out_error() -> None:
+    x, y = random_example(2)
+    params = QuantumLearned.Params(
+        labels="known", samples=1024, hidden=[64], epochs=30, batch_size=32
+    )
+    recon = QuantumLearned(params, seed=0).reconstruct(
+        observed_target(fourier_vqc(m=1, layers=2, seed=2), x, y)
+    )
+    assert (
+        recon.details["network_parameters"] == 4 * 64 + 64 + 64 * 2 + 2
+    )  # d = 4 -> 64 -> (cos, sin)
+    assert recon.details["held_out_error"] < 0.1  # mean circular error on simulated clients
+    assert circular_distance(recon.images.flatten().double(), x.flatten().double()).item() < 0.03
+
+
+def test_attack_refuses_targets_outside_its_threat_model() -> None:
+    x, y = random_example(0)
+    target = observed_target(fourier_vqc(m=1, layers=1), x, y)
+    from dataclasses import replace
+
+    with pytest.raises(UserError, match="batch_size: 1"):
+        QuantumGradientMatching(QuantumGradientMatching.Params()).reconstruct(
+            replace(target, batch_size=4)
+        )
+    with pytest.raises(UserError, match="carries no labels"):
+        QuantumGradientMatching(QuantumGradientMatching.Params(labels="known")).reconstruct(
+            replace(target, known_labels=None)
+        )
+    torch.manual_seed(0)
+    hybrid = Hybrid(Hybrid.Params(), (1,), 1)
+    with pytest.raises(UserError, match="model 'vqc'"):
+        QuantumGradientMatching(QuantumGradientMatching.Params()).reconstruct(
+            replace(target, model=hybrid)
+        )
+
+
+# --- federated end to end ---------------------------------------------------------------------
+
+
+def test_quantum_federation_trains_records_and_is_attacked(tmp_path: Path) -> None:
+    scenario = build_scenario(
+        {
+            "name": "qtiny",
+            "data": {"dataset": {"name": "regression", "num_examples": 200}, "num_clients": 6},
+            "model": {"name": "vqc", "encoding": "fourier", "qubits_per_feature": 1, "reupload": False,
+                      "layers": 2, "observable": "tensor_z"},
+            "training": {"batch_size": 1, "local_steps": 1, "lr": 0.5},
+            "federation": {"rounds": 10},
+            "observer": {"rounds": [1], "clients": [0, 1]},
+            "attacks": [{"name": "quantum_grid_scan", "labels": "known"},
+                        {"name": "quantum_gradient_matching", "restarts": 20}],
+            "output": {"dir": str(tmp_path)},
+        }
+    )  # fmt: skip
+    run = run_scenario(scenario, tmp_path / "run")
+    rounds = list(run.metrics())
+    assert rounds[-1]["test_accuracy"] > 0.85 > rounds[0]["test_accuracy"] + 0.3  # test R^2
+    summary = json.loads(run.summary_path.read_text())
+    assert summary["attacks"]["quantum_grid_scan"]["targets"] == 2
+    assert summary["attacks"]["quantum_grid_scan"]["feature_error"] < 1e-3
+    assert "feature_error" in summary["attacks"]["quantum_gradient_matching"]
