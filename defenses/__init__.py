@@ -1,5 +1,32 @@
 """Defenses: each module registers one defense in fedsim.registry.DEFENSES."""
 
-from defenses import central_dp, dp_sgd, pruning
+from importlib.util import find_spec
 
-__all__ = ["central_dp", "dp_sgd", "pruning"]
+from defenses import (
+    central_dp,
+    clipping,
+    diff2,
+    dp_sgd,
+    local_dp,
+    mid,
+    noise,
+    pruning,
+    quantisation,
+    secagg,
+)
+
+__all__ = [
+    "central_dp",
+    "clipping",
+    "diff2",
+    "dp_sgd",
+    "local_dp",
+    "mid",
+    "noise",
+    "pruning",
+    "quantisation",
+    "secagg",
+]
+
+if find_spec("pennylane") is not None:  # Opacus per-example gradients for quantum layers
+    from defenses import quantum_grad_sampler  # noqa: F401

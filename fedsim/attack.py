@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
 from torch import nn
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass(frozen=True)
@@ -24,8 +28,10 @@ class GradientTarget:
 
     `model` is a fresh copy of the architecture loaded with the global weights that were
     sent; `update` is (returned weights - sent weights) for every parameter and buffer.
-    The hyper-parameters are those the server sent (threat model 1 in DESIGN.md).
-    Images live in [0, 1] with shape `input_shape` (C, H, W).
+    The hyper-parameters are those the server sent (threat model 1 in DESIGN.md), with
+    `local_steps` the steps the client reported taking. Images live in [0, 1] with shape
+    `input_shape` (C, H, W). `known_labels` is empty unless the attack asked for the
+    stronger threat model in which the server also knows the client's labels (`labels: known`).
     """
 
     model: nn.Module
@@ -39,6 +45,9 @@ class GradientTarget:
     server_round: int
     client: int
     known_labels: torch.Tensor | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
 
     def parameter_update(self) -> list[torch.Tensor]:
         """The update restricted to trainable parameters, in `model.parameters()` order."""
@@ -68,6 +77,25 @@ class ModelTarget:
     public_y: torch.Tensor
 
 
+@dataclass(frozen=True)
+class AuxiliaryData:
+    """What the honest-but-curious server holds besides the updates: a gradient attack's
+    `prepare` gets it to learn a prior once per run (e.g. a GAN, `attacks.generator`).
+
+    `test_x`/`test_y` is the global test set the server evaluates on (the federation's
+    classes, examples no client trains on); `public_x`/`public_y` the public classes
+    (`data.public_classes`, never in the federation; empty when none). `seed` is derived from
+    the scenario seed and equal for every attack of a run, so attacks that learn the same
+    prior from the same data share one cached copy.
+    """
+
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    public_x: torch.Tensor
+    public_y: torch.Tensor
+    seed: int
+
+
 @dataclass
 class Reconstruction:
     """An attack's output: images in [0, 1] (B, C, H, W), labels (B,), and its own loss."""
@@ -89,6 +117,20 @@ class Attack(ABC):
         self.params = params
         self.seed = seed
 
+    def prepare(self, target: Any, workspace: Path, console: Console) -> None:
+        """Learn what the attack needs once, before any `reconstruct` (e.g. a GAN on the
+        public data), caching it under `workspace` (per run); default: nothing."""
+
     @abstractmethod
     def reconstruct(self, target: Any) -> Reconstruction:
         """Reconstruct private data from the target its `target_kind` names."""
+
+    def reconstruct_many(self, targets: list[Any]) -> list[Reconstruction]:
+        """Reconstruct several targets; attacks that vectorise over targets override this."""
+        return [self.reconstruct(target) for target in targets]
+
+    @property
+    def wants_known_labels(self) -> bool:
+        """True when the attack's params ask for the stronger threat model `labels: known`:
+        only then does the runner put the client's true labels in `GradientTarget.known_labels`."""
+        return getattr(self.params, "labels", None) == "known"

@@ -1,4 +1,4 @@
-"""The `fedsim` command: run, validate, list, attack.
+"""The `fedsim` command: run, validate, list, attack, sweep, report.
 
 Bad input (a scenario typo, an unknown name, a missing file) prints one line naming the
 field and the fix, and exits with code 2; results already written stay on disk.
@@ -75,6 +75,12 @@ def attack(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="attack parameter: --set iterations=100")
     ] = None,
+    rounds: Annotated[
+        list[int] | None, typer.Option("--round", help="attack only this round's observations (repeatable)")
+    ] = None,
+    clients: Annotated[
+        list[int] | None, typer.Option("--client", help="attack only this client's observations (repeatable)")
+    ] = None,
 ) -> None:
     """Run an attack on a finished run's observations, without retraining."""
     from fedsim.config import build_scenario
@@ -87,8 +93,42 @@ def attack(
     raw["attacks"] = [{"name": attack_name}]
     spec_overrides = [f"attacks.0.{o}" for o in overrides or []]
     scenario: Scenario = build_scenario(raw, spec_overrides)
-    attack_run(run, base, scenario.attacks, console)
+    attack_run(run, base, scenario.attacks, console, rounds=rounds, clients=clients)
     write_summary(run, base)
+
+
+@cli.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep YAML file")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells, run nothing")] = False,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="cells at the same time (default: the file's)")
+    ] = None,
+) -> None:
+    """Run every cell of a sweep in parallel; rerun the same command to resume it."""
+    from fedsim.sweep import cells_table, run_sweep
+    from fedsim.sweep_spec import load_sweep
+
+    plan = load_sweep(sweep_file, workers)
+    if dry_run:
+        console.print(cells_table(plan))
+        return
+    if run_sweep(plan, console).failures:
+        sys.exit(1)  # some cells failed (see their log.txt); rerunning retries only those
+
+
+@cli.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="a sweep directory or a run directory")],
+    images: Annotated[
+        int, typer.Option(min=0, help="reconstruction grids shown per cell and attack")
+    ] = 1,
+) -> None:
+    """Write report.html (self-contained) and report.md with plots, tables and images."""
+    from fedsim.report import write_report
+
+    html, markdown = write_report(directory, images_per_cell=images)
+    console.print(f"report: {html}\nmarkdown: {markdown}")
 
 
 def quiet_flower() -> None:

@@ -13,6 +13,7 @@ strategy or any attacker sees the reply, and stores it only for scoring attacks.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedsim.config import Scenario, build_scenario
 from fedsim.data import FederatedData, federated_data
@@ -32,13 +35,23 @@ from fedsim.defense import (
 )
 from fedsim.device import resolve_device, set_threads
 from fedsim.models import federated_model
-from fedsim.seeding import torch_generator
+from fedsim.registry import load_plugins
+from fedsim.secure_aggregation import secaggplus_when_requested
+from fedsim.seeding import numpy_global_seed, torch_generator
 from fedsim.training import LocalHyperParams, evaluate, train_locally
 
 SCENARIO_KEY = "fedsim.scenario"
 TRUTH_KEY = "fedsim.truth"
 
 app = ClientApp()
+
+
+@app.lifespan()
+def plugins_loaded(context: Context) -> Iterator[None]:
+    """Load the plugins before a message is routed: they may register handlers on `app`
+    (DIFF2's "train.diff2"), also in a fresh Ray worker or under `flwr run`."""
+    load_plugins()
+    yield
 
 
 @dataclass
@@ -50,6 +63,7 @@ class ClientSetup:
     device: torch.device
     train_defenses: list[TrainTimeDefense]
     update_defenses: list[UpdateTimeDefense]
+    client_mods: list[Mod]
 
     def new_model(self) -> torch.nn.Module:
         return federated_model(self.scenario, self.data.input_shape, self.data.num_classes)
@@ -66,6 +80,7 @@ def client_setup(scenario_yaml: str) -> ClientSetup:
         device=resolve_device(scenario.simulation.device),
         train_defenses=[d for d in defenses if isinstance(d, TrainTimeDefense)],
         update_defenses=[d for d in defenses if isinstance(d, UpdateTimeDefense)],
+        client_mods=[mod for d in defenses if (mod := d.client_mod()) is not None],
     )
 
 
@@ -95,7 +110,24 @@ def identify(message: Message, context: Context) -> Message:
     return Message(RecordDict({"identity": identity}), reply_to=message)
 
 
-@app.train()
+def defense_mods(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the Flower client mods of the scenario's defenses around training (none: just train).
+
+    Flower's mods draw their noise from numpy's global generator: it is seeded per scenario,
+    round and client for the call and restored afterwards, so runs repeat and the server's
+    own stream (same process under the inline engine) is untouched.
+    """
+    config = message.content["config"]
+    setup = client_setup(str(config[SCENARIO_KEY]))
+    if not setup.client_mods:
+        return call_next(message, context)
+    server_round = int(config["server-round"])
+    with numpy_global_seed(setup.scenario.seed, "client-mods", server_round, partition_id(context)):
+        return make_ffn(call_next, setup.client_mods)(message, context)
+
+
+# SecAgg+ outermost: it masks the reply after every defense's mod has acted on it.
+@app.train(mods=[secaggplus_when_requested, defense_mods])
 def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     setup = client_setup(str(config[SCENARIO_KEY]))
@@ -185,3 +217,4 @@ def evaluate_on_validation(message: Message, context: Context) -> Message:
         "val-accuracy": result["accuracy"],
     }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+

@@ -112,6 +112,11 @@ class DataConfig(Section):
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of each client's examples kept for validation"
     )
+    public_classes: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="classes kept out of the federation (train and test) and given to "
+        "model-inversion attackers as public auxiliary data; the rest are private",
+    )
 
 
 class TrainingConfig(Section):

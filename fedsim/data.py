@@ -26,6 +26,7 @@ from flwr_datasets.partitioner import (
 from flwr_datasets.partitioner.partitioner import Partitioner
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
 from sklearn.model_selection import train_test_split
 
 from fedsim.config import DataConfig
@@ -38,7 +39,8 @@ LABEL_COLUMNS = ("label", "fine_label", "labels")
 
 @dataclass(frozen=True)
 class TensorData:
-    """Examples as tensors: x float32 in [0, 1], (N, C, H, W) or (N, F); y int64, (N,)."""
+    """Examples as tensors: x float32 in [0, 1], (N, C, H, W) or (N, F); y (N,): int64 class
+    labels, or float32 targets for regression (num_classes 0)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -47,6 +49,10 @@ class TensorData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_classes == 0
 
     def __len__(self) -> int:
         return len(self.y)
@@ -64,13 +70,69 @@ class TensorData:
 class Digits:
     """scikit-learn's 8x8 handwritten digits (1797 real images, 10 classes, no download)."""
 
-    Params = NoParams
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        features: int | None = Field(
+            None,
+            ge=1,
+            le=64,
+            description="reduce each image to this many PCA components scaled to [0, 1] "
+            "(small inputs for quantum models); null: the 8x8 images",
+        )
 
     @staticmethod
-    def load(params: NoParams, seed: int) -> TensorData:
+    def load(params: Params, seed: int) -> TensorData:
+        """Images / 16, or their first `features` principal components, min-max scaled.
+
+        The PCA is fitted on all 1797 images without labels (unsupervised preprocessing, the
+        same for every client and the test set).
+        """
         digits = load_digits()
-        x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-        return TensorData(x, torch.tensor(digits.target, dtype=torch.long), 10)
+        y = torch.tensor(digits.target, dtype=torch.long)
+        if params.features is None:
+            x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+            return TensorData(x, y, 10)
+        components = PCA(params.features, svd_solver="full").fit_transform(digits.data)
+        low, high = components.min(axis=0), components.max(axis=0)
+        x = torch.tensor((components - low) / (high - low), dtype=torch.float32)
+        return TensorData(x, y, 10)
+
+
+@DATASETS.register("regression")
+class Regression:
+    """Synthetic regression: y a random zero-mean trigonometric polynomial of x in [0, 1]^F, plus noise."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        num_examples: int = Field(500, ge=2, description="number of examples")
+        features: int = Field(1, ge=1, le=6, description="input features F")
+        frequencies: int = Field(
+            1, ge=1, le=8, description="highest frequency K (cycles per unit) in each feature"
+        )
+        noise: float = Field(0.05, ge=0, description="std of the Gaussian noise on y")
+
+    @staticmethod
+    def load(params: Params, seed: int) -> TensorData:
+        """y = sum_w a_w cos(2 pi w.x + phi_w) over w in {0..K}^F \\ {0}, scaled to max |y| = 0.8.
+
+        Amplitudes a_w ~ N(0, 1) / (1 + |w|), phases uniform. No constant term and targets
+        inside [-1, 1]: what a circuit's expectation value can reach (a Fourier-tower model
+        without re-uploading has no constant term in its single-feature expansion).
+        num_classes 0 marks the task regression.
+        """
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(0, 1, size=(params.num_examples, params.features))
+        grid = np.arange(params.frequencies + 1)
+        omegas = np.stack(np.meshgrid(*[grid] * params.features), -1).reshape(-1, params.features)[1:]
+        amplitudes = rng.standard_normal(len(omegas)) / (1 + np.linalg.norm(omegas, axis=1))
+        phases = rng.uniform(0, 2 * np.pi, len(omegas))
+        clean = np.cos(2 * np.pi * x @ omegas.T + phases) @ amplitudes
+        y = 0.8 * clean / np.abs(clean).max() + params.noise * rng.standard_normal(len(x))
+        return TensorData(
+            torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), 0
+        )
 
 
 @DATASETS.register("synthetic")
@@ -314,6 +376,21 @@ def _split(
     return kept, held
 
 
+def split_public_classes(data: TensorData, classes: list[int]) -> tuple[TensorData, TensorData]:
+    """(private, public): the examples of `classes` go to the public side, labels unchanged."""
+    bad = [c for c in classes if not 0 <= c < data.num_classes]
+    if bad:
+        raise UserError(
+            f"data.public_classes: {bad} outside the dataset's classes 0..{data.num_classes - 1}"
+        )
+    is_public = torch.isin(data.y, torch.tensor(classes, dtype=torch.long))
+    if is_public.all():
+        raise UserError("data.public_classes: every example would be public; keep a private class")
+    return data.subset(torch.nonzero(~is_public).flatten()), data.subset(
+        torch.nonzero(is_public).flatten()
+    )
+
+
 def _client_seed(seed: int, partition_id: int) -> int:
     """An independent seed per client, derived from the run seed."""
     return int(np.random.SeedSequence([seed, partition_id]).generate_state(1)[0])
@@ -325,7 +402,10 @@ class FederatedData:
     def __init__(self, config: DataConfig, seed: int) -> None:
         self.config = config
         self.seed = seed
-        dataset = DATASETS.get(config.dataset.name).load(config.dataset.params, seed)
+        loaded = DATASETS.get(config.dataset.name).load(config.dataset.params, seed)
+        # model inversion's auxiliary data: never in the federation's train or test sets
+        dataset, self.public = split_public_classes(loaded, config.public_classes)
+        self.private_classes = sorted(set(dataset.y.unique().tolist()))
         self.num_partitions = config.num_clients
         self.input_shape = dataset.input_shape
         self.num_classes = dataset.num_classes
@@ -341,6 +421,11 @@ class FederatedData:
                 "training examples left after the test split"
             )
 
+        if dataset.is_regression and config.partitioner.name != "iid":
+            raise UserError(
+                f"data.partitioner: '{config.partitioner.name}' splits by class label, and "
+                f"'{config.dataset.name}' is a regression dataset; use partitioner iid"
+            )
         partitioner = PARTITIONERS.get(config.partitioner.name)
         self._partitioner = partitioner.build(
             config.partitioner.params, self.num_partitions, seed

@@ -9,19 +9,31 @@ A defense is one class registered in `fedsim.registry.DEFENSES` that subclasses 
 Defenses are built once per process from their validated `Params`; whatever must survive
 between rounds of one client (an accountant's history) goes through the JSON-able `state`
 dict the client keeps in Flower's `Context.state`.
+
+Any defense may also return a Flower client mod from `client_mod` (the client half of
+client-side central DP, ...). fedsim's ClientApp runs the mods of the scenario's defenses, in
+scenario order, around its train handler, i.e. after every update-time `transform`; a scenario
+without such a defense runs no mod at all. A defense that acts only through its mod (Flower's
+`LocalDpMod`) subclasses `Defense` itself and names its `stage`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from flwr.clientapp.typing import Mod
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from fedsim.config import Scenario
 
 Stage = Literal["train", "update", "server"]
 
@@ -52,6 +64,10 @@ class Defense(ABC):
         """Change the architecture every party builds (server, clients, attackers); default: none."""
         return model
 
+    def client_mod(self) -> Mod | None:
+        """A Flower client mod to run around the client's train handler; default: none."""
+        return None
+
 
 class TrainTimeDefense(Defense):
     """Changes local training: gets the model, optimizer and loader before the first step."""
@@ -68,6 +84,14 @@ class TrainTimeDefense(Defense):
         state: dict[str, Any],
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Return the (possibly wrapped) model, optimizer and loader to train with."""
+
+    def criterion(self, loss_fn: nn.Module) -> Callable[[Any, torch.Tensor], Any]:
+        """The task loss to train with, given the plain one (an `nn.CrossEntropyLoss`).
+
+        Default: unchanged. Called after `prepare`. Opacus's ghost clipping needs it: its loss
+        wrapper runs both of its backward passes inside `loss.backward()`.
+        """
+        return loss_fn
 
     def loss(self, model: nn.Module, output: Any, target: torch.Tensor) -> torch.Tensor | None:
         """An extra loss term added to the task loss, or None (the default)."""
@@ -102,6 +126,14 @@ class ServerTimeDefense(Defense):
     @abstractmethod
     def wrap(self, strategy: Strategy, cohort_size: int, total_rounds: int) -> Strategy:
         """Return a strategy that aggregates with this defense."""
+
+    def transport(self, grid: Grid, scenario: Scenario) -> Grid:
+        """The Grid the server reaches the clients through; default: `grid` unchanged.
+
+        It sits below the observer, so what it hides from the strategy (secure aggregation:
+        every individual update) is never recorded either.
+        """
+        return grid
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Privacy metrics after `server_round` (e.g. the central-DP epsilon)."""

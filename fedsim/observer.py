@@ -12,12 +12,25 @@ It also learns which partition each (randomly numbered) node holds, orders repli
 partition id so aggregation is deterministic, and strips the simulation-only ground-truth
 record from replies before anyone else sees them.
 
+Under secure aggregation (`secagg_plus`) the server never sees a client's update: a round's
+train exchange yields one reply that stands for the whole cohort, marked by the ConfigRecord
+`AGGREGATE_KEY` (the clients' scalar metrics, which SecAgg+ leaves in the clear). The observer
+records it as an aggregate-only observation (`client` = -1, `aggregate_of` = the cohort's
+partition ids) in every observed round in which an observed client took part.
+
+Replies to a custom train action (`train.<action>`, e.g. DIFF2's noised gradient releases) are
+not weights: the observer keeps only their metrics (for metrics.jsonl) and records no
+observation.
+
 On disk (safetensors: tensors plus a JSON header, nothing executable is ever unpickled):
 
     observations/round_0001/global.safetensors        weights the server sent
     observations/round_0001/client_0003.safetensors   weights client 3 returned; its header
                                                       key "fedsim" holds the JSON metadata
+    observations/round_0001/aggregate.safetensors     under secure aggregation, instead: the
+                                                      cohort's aggregate ("aggregate_only": true)
     ground_truth/round_0001/client_0003.json          example indices (scoring only)
+    ground_truth/round_0001/aggregate.json            {partition id: example indices}
 
 `load_observations(run_dir)` reads them back as `Observation` objects.
 """
@@ -32,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import load_file, safe_open, save
 
@@ -43,10 +56,19 @@ from fedsim.grid_view import GridView
 from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
 from fedsim.training import LocalHyperParams
 
+AGGREGATE_KEY = "fedsim.aggregate"
+"""Reply record of an aggregate standing for several clients: `clients` (JSON list of metrics)."""
+AGGREGATE_CLIENT = -1
+"""The `client` of an aggregate-only observation."""
+
 
 @dataclass
 class Observation:
-    """One client's contribution to one round, as the server saw it."""
+    """One client's contribution to one round, as the server saw it, or the cohort's aggregate.
+
+    An aggregate (`aggregate_of` non-empty, `client` = -1) holds the example-weighted average
+    of the cohort's returned weights; `num_examples` is their total.
+    """
 
     server_round: int
     client: int
@@ -55,6 +77,23 @@ class Observation:
     num_examples: int
     hyperparams: LocalHyperParams
     local_steps: int
+    aggregate_of: tuple[int, ...] = ()
+
+    @property
+    def stem(self) -> str:
+        """File stem naming this observation, e.g. `round_0001_client_0003`."""
+        who = "aggregate" if self.aggregate_of else f"client_{self.client:04d}"
+        return f"round_{self.server_round:04d}_{who}"
+
+    @property
+    def batch_size(self) -> int:
+        """Examples behind one step of the update.
+
+        An aggregate of K clients that each took one SGD step on a batch of b examples is one
+        step on their K*b examples together (exactly so when their example counts are equal),
+        so an attack on it searches for K*b examples.
+        """
+        return self.hyperparams.batch_size * max(1, len(self.aggregate_of))
 
     @property
     def update(self) -> dict[str, torch.Tensor]:
@@ -80,7 +119,9 @@ def load_observations(run_dir: Path | str) -> list[Observation]:
     """Every observation recorded in `run_dir`, ordered by round then client."""
     run = RunDirectory(run_dir).require()
     observations = []
-    for path in sorted(run.observations_dir.glob("round_*/client_*.safetensors")):
+    paths = [*run.observations_dir.glob("round_*/client_*.safetensors")]
+    paths += run.observations_dir.glob("round_*/aggregate.safetensors")
+    for path in paths:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["fedsim"])
         observations.append(
@@ -92,9 +133,10 @@ def load_observations(run_dir: Path | str) -> list[Observation]:
                 num_examples=meta["num_examples"],
                 hyperparams=LocalHyperParams(**meta["hyperparams"]),
                 local_steps=meta["local_steps"],
+                aggregate_of=tuple(meta.get("aggregate_of", ())),
             )
         )
-    return observations
+    return sorted(observations, key=lambda o: (o.server_round, o.client))
 
 
 def load_ground_truth(run_dir: Path | str, server_round: int, client: int) -> list[list[int]]:
@@ -103,6 +145,16 @@ def load_ground_truth(run_dir: Path | str, server_round: int, client: int) -> li
     if not path.is_file():
         raise UserError(f"no ground truth for round {server_round}, client {client} in '{run_dir}'")
     return json.loads(path.read_text())["batches"]
+
+
+def observed_batches(run_dir: Path | str, observation: Observation) -> dict[int, list[list[int]]]:
+    """Partition id -> the batches behind `observation` (every cohort client's, for an aggregate)."""
+    if not observation.aggregate_of:
+        return {observation.client: load_ground_truth(run_dir, observation.server_round, observation.client)}
+    path = _round_dir(RunDirectory(run_dir).ground_truth_dir, observation.server_round) / "aggregate.json"
+    if not path.is_file():
+        raise UserError(f"no ground truth for the aggregate of round {observation.server_round} in '{run_dir}'")
+    return {int(pid): batches for pid, batches in json.loads(path.read_text())["clients"].items()}
 
 
 class ObservingGrid(GridView):
@@ -133,6 +185,9 @@ class ObservingGrid(GridView):
         kind = messages[0].metadata.message_type if messages else None
         if kind == MessageType.TRAIN:
             self._record_train_round(messages[0].content, replies)
+        elif kind is not None and kind.startswith(f"{MessageType.TRAIN}."):  # e.g. DIFF2's releases
+            server_round = int(messages[0].content["config"]["server-round"])
+            self.round_client_metrics[server_round] = [dict(r.content["metrics"]) for r in replies]
         elif kind == MessageType.EVALUATE:
             server_round = int(messages[0].content["config"]["server-round"])
             self.round_client_evaluation[server_round] = [dict(r.content["metrics"]) for r in replies]
@@ -170,6 +225,9 @@ class ObservingGrid(GridView):
         client_metrics = []
         for reply in replies:
             truth = reply.content.pop(TRUTH_KEY, None)
+            if AGGREGATE_KEY in reply.content:
+                client_metrics += self._record_aggregate(reply, truth, server_round, hyperparams, global_state)
+                continue
             pid = self.partition_of[reply.metadata.src_node_id]
             metrics = dict(reply.content["metrics"])
             client_metrics.append(metrics)
@@ -199,4 +257,36 @@ class ObservingGrid(GridView):
                     {"batches": json.loads(truth["batches"])},
                 )
         self.round_client_metrics[server_round] = client_metrics
+
+    def _record_aggregate(
+        self,
+        reply: Message,
+        truth: ConfigRecord | None,
+        server_round: int,
+        hyperparams: LocalHyperParams,
+        global_state: dict[str, torch.Tensor],
+    ) -> list[dict[str, Any]]:
+        """Record a cohort's aggregate if an observed client is in it; return the clients' metrics."""
+        client_metrics = json.loads(reply.content[AGGREGATE_KEY]["clients"])
+        cohort = sorted(int(m["partition-id"]) for m in client_metrics)
+        if not any(self.scenario.observes(server_round, pid) for pid in cohort):
+            return client_metrics
+        directory = _round_dir(self.run_dir.observations_dir, server_round)
+        save_tensors(directory / "global.safetensors", global_state)
+        meta = {
+            "server_round": server_round,
+            "client": AGGREGATE_CLIENT,
+            "aggregate_only": True,
+            "aggregate_of": cohort,
+            "num_examples": int(sum(m["num-examples"] for m in client_metrics)),
+            "local_steps": int(max(m["local-steps"] for m in client_metrics)),
+            "hyperparams": hyperparams.__dict__,
+        }
+        save_tensors(directory / "aggregate.safetensors", reply.content["arrays"].to_torch_state_dict(), meta)
+        if truth is not None:
+            atomic_write_json(
+                _round_dir(self.run_dir.ground_truth_dir, server_round) / "aggregate.json",
+                {"clients": json.loads(truth["clients"])},
+            )
+        return client_metrics
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from attacks.metrics import save_image_grid, score_images
-from fedsim.attack import Attack, GradientTarget
+from attacks.metrics import (
+    SUMMARY_KEYS,
+    describe_scores,
+    save_image_grid,
+    score_reconstruction,
+)
+from fedsim import model_leakage
+from fedsim.attack import Attack, AuxiliaryData, GradientTarget
 from fedsim.config import PluginSpec, Scenario, build_scenario, read_yaml
 from fedsim.data import FederatedData, federated_data
 from fedsim.device import set_threads
 from fedsim.errors import UserError
 from fedsim.models import federated_model
-from fedsim.observer import Observation, load_ground_truth, load_observations
+from fedsim.observer import Observation, load_observations, observed_batches
 from fedsim.registry import ATTACKS
 from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json, read_json
 from fedsim.seeding import derive_seed
@@ -108,43 +116,112 @@ def gradient_target(observation: Observation, scenario: Scenario, data: Federate
         num_examples=observation.num_examples,
         lr=observation.hyperparams.lr,
         local_steps=observation.local_steps,
-        batch_size=observation.hyperparams.batch_size,
+        batch_size=observation.batch_size,
         input_shape=tuple(data.input_shape),
         num_classes=data.num_classes,
         server_round=observation.server_round,
         client=observation.client,
+        optimizer=observation.hyperparams.optimizer,
+        momentum=observation.hyperparams.momentum,
+        weight_decay=observation.hyperparams.weight_decay,
+    )
+
+
+def auxiliary_data(data: FederatedData, scenario: Scenario) -> AuxiliaryData:
+    """What the server holds besides the updates: its test set and the public classes."""
+    return AuxiliaryData(
+        test_x=data.test.x,
+        test_y=data.test.y,
+        public_x=data.public.x,
+        public_y=data.public.y,
+        seed=derive_seed(scenario.seed, "attack-prior"),
     )
 
 
 def ground_truth(run: RunDirectory, observation: Observation, data: FederatedData) -> tuple[torch.Tensor, torch.Tensor]:
-    """The examples the observed client trained on (scoring only; never given to attacks)."""
-    batches = load_ground_truth(run.root, observation.server_round, observation.client)
-    indices = list(dict.fromkeys(i for batch in batches for i in batch))
-    train, _ = data.client(observation.client)
-    subset = train.subset(indices)
-    return subset.x, subset.y
+    """The examples behind an observation: the client's, or every cohort client's for an
+    aggregate (scoring only; never given to attacks)."""
+    xs, ys = [], []
+    for client, batches in observed_batches(run.root, observation).items():
+        indices = list(dict.fromkeys(i for batch in batches for i in batch))
+        subset = data.client(client)[0].subset(indices)
+        xs.append(subset.x)
+        ys.append(subset.y)
+    return torch.cat(xs), torch.cat(ys)
 
 
-def attack_run(run: RunDirectory, scenario: Scenario, specs: list[PluginSpec], console: Console) -> None:
-    """Run every attack in `specs` on what its threat model grants; skip what is done."""
+def attack_run(
+    run: RunDirectory,
+    scenario: Scenario,
+    specs: list[PluginSpec],
+    console: Console,
+    rounds: list[int] | None = None,
+    clients: list[int] | None = None,
+) -> None:
+    """Run every attack in `specs` on what its threat model grants; skip what is done.
+
+    `rounds`/`clients` restrict gradient attacks to those observations (`fedsim attack --round`).
+    """
     for spec in specs:
         attack = ATTACKS.get(spec.name)(spec.params, seed=derive_seed(scenario.seed, "attack", spec.name))
-        ATTACK_STAGES[attack.target_kind](run, scenario, spec, attack, console)
+        stage = ATTACK_STAGES[attack.target_kind]
+        if rounds or clients:
+            if attack.target_kind != "gradient":
+                raise UserError(
+                    f"--round/--client select recorded updates; attack '{spec.name}' attacks "
+                    "the final model: drop them"
+                )
+            stage = partial(attack_observations, rounds=rounds, clients=clients)
+        stage(run, scenario, spec, attack, console)
+
+
+def select_observations(
+    observations: list[Observation], run: RunDirectory, rounds: list[int] | None, clients: list[int] | None
+) -> list[Observation]:
+    """The observations of `rounds` and `clients` (all when None); a one-line UserError
+    names a round or client that was never recorded."""
+    for flag, wanted, recorded in (
+        ("--round", rounds, sorted({o.server_round for o in observations})),
+        ("--client", clients, sorted({o.client for o in observations})),
+    ):
+        missing = sorted(set(wanted or ()) - set(recorded))
+        if missing:
+            raise UserError(
+                f"{flag} {missing[0]}: '{run.root}' recorded no observation of it; "
+                f"recorded: {', '.join(map(str, recorded))}"
+            )
+    return [
+        o for o in observations
+        if (not rounds or o.server_round in rounds) and (not clients or o.client in clients)
+    ]  # fmt: skip
 
 
 def attack_observations(
-    run: RunDirectory, scenario: Scenario, spec: PluginSpec, attack: Attack, console: Console
+    run: RunDirectory,
+    scenario: Scenario,
+    spec: PluginSpec,
+    attack: Attack,
+    console: Console,
+    rounds: list[int] | None = None,
+    clients: list[int] | None = None,
 ) -> None:
-    """A gradient attack on every recorded observation, scored against the ground truth."""
-    observations = load_observations(run.root)
+    """A gradient attack on every recorded observation, scored against the ground truth.
+
+    The pending observations of one round go to the attack together (`reconstruct_many`), so
+    an attack that vectorises over targets optimises them as one problem. The client's true
+    labels enter a target only when the attack asks for them (`labels: known`).
+    """
+    observations = select_observations(load_observations(run.root), run, rounds, clients)
     if not observations:
         raise UserError(
             f"'{run.root}' has no recorded observations; set observer.rounds and observer.clients"
         )
     data = federated_data(scenario.data, scenario.seed)
     out_dir = run.attacks_dir / spec.name
+    prepared = False
+    pending: dict[int, list[tuple[Observation, torch.Tensor, torch.Tensor]]] = {}
     for observation in observations:
-        stem = f"round_{observation.server_round:04d}_client_{observation.client:04d}"
+        stem = observation.stem
         result_path = out_dir / f"{stem}.json"
         params = spec.model_dump(mode="json")
         if result_path.exists() and read_json(result_path)["attack"] == params:
@@ -157,29 +234,42 @@ def attack_observations(
             )
             atomic_write_json(result_path, {"attack": params, "skipped": "no training examples"})
             continue
+        if not prepared:  # once, and only when an observation is left to attack
+            attack.prepare(auxiliary_data(data, scenario), run.root / model_leakage.CACHE, console)
+            prepared = True
+        pending.setdefault(observation.server_round, []).append((observation, truth_x, truth_y))
+    for group in pending.values():
+        targets = [
+            replace(gradient_target(o, scenario, data), known_labels=y if attack.wants_known_labels else None)
+            for o, _, y in group
+        ]  # fmt: skip
         started = time.perf_counter()
-        recon = attack.reconstruct(gradient_target(observation, scenario, data))
-        seconds = time.perf_counter() - started
-        scores = score_images(recon.images, truth_x, recon.labels, truth_y)
-        save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
-        record = {
-            "attack": params,
-            "threat_model": attack.threat_model,
-            "round": observation.server_round,
-            "client": observation.client,
-            "attack_loss": recon.attack_loss,
-            "seconds": round(seconds, 3),
-            **scores,
-        }
-        atomic_write_json(result_path, record)
-        console.print(
-            f"attack {spec.name} on round {observation.server_round} client {observation.client}: "
-            f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}, "
-            f"label acc {scores['label_accuracy']:.2f} ({seconds:.1f} s)"
-        )
+        recons = attack.reconstruct_many(targets)
+        seconds = (time.perf_counter() - started) / len(group)
+        for (observation, truth_x, truth_y), recon in zip(group, recons, strict=True):
+            stem = observation.stem
+            scores = score_reconstruction(recon.images, truth_x, recon.labels, truth_y, recon.details)
+            if truth_x.dim() == 4:
+                save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
+            record = {
+                "attack": spec.model_dump(mode="json"),
+                "threat_model": attack.threat_model,
+                "round": observation.server_round,
+                "client": observation.client,
+                "attack_loss": recon.attack_loss,
+                "seconds": round(seconds, 3),
+                "targets_attacked_together": len(group),
+                **scores,
+                "details": recon.details,
+            }
+            atomic_write_json(out_dir / f"{stem}.json", record)
+            console.print(
+                f"attack {spec.name} on round {observation.server_round} client {observation.client}: "
+                f"{describe_scores(scores)} ({seconds:.1f} s)"
+            )
 
 
-ATTACK_STAGES = {"gradient": attack_observations}
+ATTACK_STAGES = {"gradient": attack_observations, "model": model_leakage.attack_model}
 """How each kind of attack target is built and scored (see `fedsim.attack`)."""
 
 
@@ -197,12 +287,18 @@ def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
     }
     for attack_dir in sorted(run.attacks_dir.glob("*")) if run.attacks_dir.exists() else []:
         records = [r for p in sorted(attack_dir.glob("*.json")) if "psnr" in (r := read_json(p))]
+        inversions = [
+            r for p in sorted(attack_dir.glob("class_*.json")) if "top1_accuracy" in (r := read_json(p))
+        ]
+        if inversions:
+            summary["attacks"][attack_dir.name] = model_leakage.summarise(inversions)
         if records:
             summary["attacks"][attack_dir.name] = {
                 "targets": len(records),
                 **{
                     key: sum(r[key] for r in records) / len(records)
-                    for key in ("mse", "psnr", "ssim", "label_accuracy", "attack_loss")
+                    for key in SUMMARY_KEYS
+                    if all(key in r for r in records)
                 },
             }
     atomic_write_json(run.summary_path, summary)
@@ -222,7 +318,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for name, scores in summary["attacks"].items():
         table.add_row(
             f"{name} ({scores['targets']} targets)",
-            f"PSNR {scores['psnr']:.1f} dB  SSIM {scores['ssim']:.3f}  labels {scores['label_accuracy']:.2f}",
+            model_leakage.describe(scores)
+            if "top1_accuracy" in scores
+            else describe_scores(scores),
         )
     table.add_row("run directory", summary["run_dir"])
     return table

@@ -7,6 +7,8 @@ each purpose, so adding a new consumer of randomness never shifts the others.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -24,3 +26,17 @@ def torch_generator(seed: int, *keys: object) -> torch.Generator:
 
 def numpy_rng(seed: int, *keys: object) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, *keys))
+
+
+@contextmanager
+def numpy_global_seed(seed: int, *keys: object) -> Iterator[None]:
+    """Seed numpy's global generator for a block, then restore its previous state.
+
+    For library code that draws from `np.random` directly (Flower's DP mods and wrappers).
+    """
+    previous = np.random.get_state()
+    np.random.seed(derive_seed(seed, *keys) % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(previous)

@@ -62,12 +62,14 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     model = initial_model(scenario)
     # Flower's central-DP wrappers draw their noise from numpy's global generator.
     np.random.seed(derive_seed(scenario.seed, "server-noise") % 2**32)
+    server_defenses = [d for d in build_defenses(scenario.defenses) if isinstance(d, ServerTimeDefense)]
+    for defense in server_defenses:
+        grid = defense.transport(grid, scenario)  # below the observer: e.g. secure aggregation
     view = ObservingGrid(grid, scenario, run)
 
     spec = scenario.federation.strategy
     evaluate_size = scenario.federation.evaluate_clients_per_round
     strategy = STRATEGIES.get(spec.name).build(spec.params)
-    server_defenses = [d for d in build_defenses(scenario.defenses) if isinstance(d, ServerTimeDefense)]
     for defense in server_defenses:
         strategy = defense.wrap(strategy, scenario.cohort_size, scenario.federation.rounds)
     strategy = SeededCohorts(
@@ -75,6 +77,10 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     )
 
     started = time.perf_counter()
+    # Per-client privacy metric -> partition id -> its latest value. A client that sits out a
+    # round keeps the epsilon of its last round, so `max_client_*` is the worst privacy spent
+    # by any client so far (it never decreases), not just by this round's cohort.
+    latest_epsilons: dict[str, dict[int, float]] = {}
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -89,9 +95,12 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
         }
         for defense in server_defenses:
             record.update({f"central_{k}": v for k, v in defense.round_metrics(server_round).items()})
-        epsilons = [c["epsilon"] for c in record["clients"] if "epsilon" in c]
-        if epsilons:
-            record["max_client_epsilon"] = max(epsilons)
+        for client in record["clients"]:
+            for key, value in client.items():
+                if key.endswith("epsilon"):
+                    latest_epsilons.setdefault(key, {})[int(client["partition-id"])] = value
+        for key, latest in latest_epsilons.items():
+            record[f"max_client_{key}"] = max(latest.values())
         run.append_metrics(record)
         if on_round is not None:
             on_round(record)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from copy import deepcopy
 from itertools import count
 from typing import Any
 from uuid import uuid4
@@ -82,7 +83,9 @@ class InlineGrid(Grid):
             node_id = message.metadata.dst_node_id
             TaskIdentity.node_id = node_id
             try:
-                self.replies[message_id] = self.client_app(message, self.contexts[node_id])
+                # Deliver a copy, as a real transport would: a client may alter what it gets
+                # (Flower's secaggplus_mod pops its stage key), and messages share content.
+                self.replies[message_id] = self.client_app(deepcopy(message), self.contexts[node_id])
             finally:
                 TaskIdentity.node_id = SUPERLINK_NODE_ID
             ids.append(message_id)

@@ -9,13 +9,12 @@ on without the attacker ever seeing them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsim.data import TensorData
@@ -50,6 +49,19 @@ class LocalHyperParams:
         if self.local_steps:
             return self.local_steps
         return self.local_epochs * max(1, -(-num_examples // self.batch_size))
+
+
+class SquaredError(nn.MSELoss):
+    """Mean squared error of a one-output model (B, 1) against float targets (B,)."""
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(output.reshape(target.shape), target)
+
+
+def task_criterion(data: TensorData) -> nn.Module:
+    """The task's loss, driven by the dataset: MSE for regression (float targets,
+    num_classes 0), cross-entropy for class labels."""
+    return SquaredError() if data.is_regression else nn.CrossEntropyLoss()
 
 
 @dataclass
@@ -88,23 +100,39 @@ def train_locally(
     states: list[dict[str, Any]] = (),
     device: torch.device = torch.device("cpu"),
 ) -> LocalResult:
-    """Train `model` in place on `data`; train-time defenses wrap the loop's parts first."""
+    """Train `model` in place on `data`; train-time defenses wrap the loop's parts first.
+
+    A step is one update of the weights, counted by a hook on the plain optimizer: under
+    Opacus's BatchMemoryManager several physical batches make one logical batch and only the
+    last of them steps, so `steps` and the recorded `batches` are logical ones.
+    """
     model.to(device).train()
     optimizer = make_optimizer(model, hp)
+    steps = 0
+
+    def count_step(*_: Any) -> None:
+        nonlocal steps
+        steps += 1
+
+    optimizer.register_step_post_hook(count_step)
     loader = make_loader(data, hp.batch_size, generator)
     for defense, state in zip(defenses, states, strict=True):
         model, optimizer, loader = defense.prepare(model, optimizer, loader, training, state)
+    criterion: Callable[[Any, torch.Tensor], Any] = task_criterion(data)
+    for defense in defenses:
+        criterion = defense.criterion(criterion)
     anchor = [p.detach().clone() for p in model.parameters()] if hp.proximal_mu else []
 
     total_steps = hp.steps_for(len(data))
     losses: list[float] = []
     batches: list[list[int]] = []
-    while len(losses) < total_steps:
+    logical_batch: list[int] = []
+    while steps < total_steps:
         for x, y, idx in loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
             output = model(x)
-            loss = F.cross_entropy(output, y) if len(y) else output.sum() * 0.0
+            loss = criterion(output, y) if len(y) else output.sum() * 0.0
             for defense in defenses:
                 extra = defense.loss(model, output, y)
                 if extra is not None:
@@ -114,10 +142,14 @@ def train_locally(
                     (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor)
                 )
             loss.backward()
+            steps_before = steps
             optimizer.step()
             losses.append(float(loss.detach()))
-            batches.append(idx.tolist())
-            if len(losses) == total_steps:
+            logical_batch.extend(idx.tolist())
+            if steps > steps_before:
+                batches.append(logical_batch)
+                logical_batch = []
+            if steps == total_steps:
                 break
 
     metrics: dict[str, float] = {}
@@ -125,7 +157,7 @@ def train_locally(
         metrics.update(defense.finish(state))
     return LocalResult(
         num_examples=len(data),
-        steps=len(losses),
+        steps=steps,
         mean_loss=sum(losses) / len(losses),
         metrics=metrics,
         batches=batches,
@@ -136,15 +168,31 @@ def train_locally(
 def evaluate(
     model: nn.Module, data: TensorData, device: torch.device = torch.device("cpu")
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of `model` on `data`."""
+    """Mean task loss and accuracy of `model` on `data`.
+
+    For regression the loss is the MSE and "accuracy" is R^2 = 1 - MSE / Var(y) (1: perfect,
+    0: no better than predicting the mean), so utility stays higher-is-better everywhere.
+    """
     if len(data) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "num-examples": 0}
     model.to(device).eval()
+    criterion = task_criterion(data)
+    criterion.reduction = "sum"
     loss, correct = 0.0, 0
-    for start in range(0, len(data), 512):
-        x = data.x[start : start + 512].to(device)
-        y = data.y[start : start + 512].to(device)
-        out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-    return {"loss": loss / len(data), "accuracy": correct / len(data), "num-examples": len(data)}
+    # A model that samples at prediction (MID) draws from a fixed seed, so the score depends
+    # on the model and the data only, not on what ran before (e.g. the order clients trained).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for start in range(0, len(data), 512):
+            x = data.x[start : start + 512].to(device)
+            y = data.y[start : start + 512].to(device)
+            out = model(x)
+            loss += float(criterion(out, y))
+            if not data.is_regression:
+                correct += int((out.argmax(1) == y).sum())
+    mean_loss = loss / len(data)
+    if data.is_regression:
+        score = 1 - mean_loss / float(data.y.var(correction=0).clamp_min(1e-12))
+    else:
+        score = correct / len(data)
+    return {"loss": mean_loss, "accuracy": score, "num-examples": len(data)}

@@ -21,10 +21,13 @@ if find_spec("pennylane") is not None and (Path(__file__).parent / "quantum.py")
 
 
 def build_model(spec: "PluginSpec", input_shape: tuple[int, ...], num_classes: int) -> "nn.Module":
-    """Instantiate the registered model named in a scenario for this dataset's shapes."""
+    """Instantiate the registered model named in a scenario for this dataset's shapes.
+
+    A regression dataset (num_classes 0) gets a model with one output.
+    """
     from fedsim.registry import MODELS
 
-    return MODELS.get(spec.name)(spec.params, tuple(input_shape), num_classes)
+    return MODELS.get(spec.name)(spec.params, tuple(input_shape), num_classes or 1)
 
 
 def federated_model(scenario: "Scenario", input_shape: tuple[int, ...], num_classes: int) -> "nn.Module":

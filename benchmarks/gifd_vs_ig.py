@@ -1,0 +1,101 @@
+"""The table and image grids of the GIFD comparison, from a finished sweep directory.
+
+    fedsim sweep scenarios/sweeps/gifd_vs_ig.yaml
+    python benchmarks/gifd_vs_ig.py runs/sweeps/gifd_vs_ig [--figures DIR] [--client 0]
+
+Prints one markdown table: per defense and batch size, each attack's mean PSNR / SSIM /
+label accuracy over the attacked clients (the sweep's results table, `fedsim.sweep_table`).
+Writes, per cell, one image grid stacking every attack's truth-over-reconstruction grid of
+one client (the PNGs the runner wrote), named `<defense>_b<batch>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+from fedsim.results import RunDirectory
+from fedsim.runner import load_run_scenario
+from fedsim.sweep_table import load_results
+
+ATTACKS = ("ig", "gan_latent", "gifd")
+METRICS = (("psnr", "{:.1f}"), ("ssim", "{:.3f}"), ("label_accuracy", "{:.2f}"))
+
+
+def defense_name(value: object) -> str:
+    """'none', or each defense as name(param=value, ...), from the axis column's JSON text."""
+    defenses = json.loads(value) if isinstance(value, str) else value or []
+    if not defenses:
+        return "none"
+    return " + ".join(
+        f"{d['name']}({', '.join(f'{k}={v}' for k, v in d.items() if k != 'name')})" for d in defenses
+    )
+
+
+def markdown(table: pd.DataFrame, attacks: list[str]) -> str:
+    """One row per (defense, batch size, prior): 'PSNR / SSIM / labels' per attack."""
+    axes = [c for c in ("defense", "training.batch_size", "prior") if c in table]
+    header = [*axes, *attacks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [" / ".join(fmt.format(row[f"{a}_{m}"]) for m, fmt in METRICS) for a in attacks]
+        lines.append("| " + " | ".join([*(str(row[c]) for c in axes), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def grid(run_dir: Path, attacks: list[str], client: int, title: str, path: Path) -> None:
+    """Every attack's truth-over-reconstruction PNG of one client, stacked."""
+    pngs = [
+        (attack, imread(found[0]))
+        for attack in attacks
+        if (found := sorted((run_dir / "attacks" / attack).glob(f"round_*_client_{client:04d}.png")))
+    ]
+    if not pngs:
+        return
+    height = sum(image.shape[0] for _, image in pngs) / 100
+    plot = Figure(figsize=(pngs[0][1].shape[1] / 100, height + 0.4))
+    FigureCanvasAgg(plot)
+    axes = plot.subplots(len(pngs), 1, squeeze=False)
+    for axis, (attack, image) in zip(axes[:, 0], pngs, strict=True):
+        axis.imshow(image)
+        axis.set_axis_off()
+    plot.suptitle(title, fontsize=9)
+    plot.tight_layout()
+    plot.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--figures", type=Path, default=None, help="default: SWEEP_DIR/figures")
+    parser.add_argument("--client", type=int, default=0, help="whose reconstructions the grids show")
+    args = parser.parse_args()
+
+    table = load_results(args.sweep_dir)
+    table = table[table["status"] == "done"].copy()
+    table["defense"] = [defense_name(v) for v in table.get("defenses", pd.Series([None] * len(table)))]
+    if "attacks.0.prior_data" in table:
+        table["prior"] = table["attacks.0.prior_data"]
+    attacks = [a for a in ATTACKS if f"{a}_psnr" in table]
+    print(f"{len(table)} finished cells of {args.sweep_dir}; each entry: PSNR dB / SSIM / label accuracy")
+    print(markdown(table, attacks))
+
+    out = args.figures or args.sweep_dir / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    for _, row in table.iterrows():
+        run_dir = Path(row["run_dir"])
+        batch = load_run_scenario(RunDirectory(run_dir)).training.batch_size
+        prior = f"_{row['prior']}" if "prior" in row else ""
+        title = f"{row['defense']}, batch {batch}" + (f", prior {row['prior']}" if prior else "")
+        grid(run_dir, attacks, args.client, title, out / f"{row['defense'].split('(')[0]}_b{batch}{prior}.png")
+    print(f"image grids: {out}")
+
+
+if __name__ == "__main__":
+    main()
