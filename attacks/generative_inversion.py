@@ -123,7 +123,8 @@ def descend(
         objective = problem.matching(images) + settings.tv * total_variation(images)
         finite = torch.isfinite(objective)
         objective.where(finite, 0.0).sum().backward()
-        variable.grad.nan_to_num_(0.0)
+        rows = finite.reshape(*finite.shape, *(1,) * (variable.dim() - finite.dim()))
+        variable.grad = torch.where(rows, variable.grad.nan_to_num(0.0, 0.0, 0.0), 0.0)
         optimizer.step()
         schedule.step()
         with torch.no_grad():
@@ -160,6 +161,25 @@ class Candidates:
     details: dict[str, object]
 
 
+def keep_better(best: Candidates | None, images: Tensor, losses: Tensor, stage: int) -> Candidates:
+    """Per (target, restart), the better of the candidates so far and this stage's (a NaN loss
+    counts as +inf; ties keep the earlier); `stage_losses` holds this stage's lowest loss per
+    target, (T, 1)."""
+    losses = losses.nan_to_num(nan=math.inf)
+    stages = torch.full_like(losses, stage, dtype=torch.long)
+    stage_best = losses.min(dim=1, keepdim=True).values
+    if best is None:
+        return Candidates(images, losses, stages, stage_best, {})
+    better = losses < best.losses
+    return Candidates(
+        torch.where(better[..., None, None, None, None], images, best.images),
+        torch.where(better, losses, best.losses),
+        torch.where(better, stages, best.stages),
+        stage_best,
+        {},
+    )
+
+
 def stacked(module: nn.Module) -> Render:
     """Apply a per-image module to a (T, R, n, ...) stack, keeping the leading axes."""
 
@@ -189,11 +209,17 @@ class GenerativeInversion(GradientInversion):
 
     def prepare(self, target: AuxiliaryData, workspace: Path, console: Console) -> None:
         """Train (or load the cached, or the user's) generator on the chosen prior data."""
-        images = target.test_x if self.params.prior_data == "test" else target.public_x
+        prior = self.params.prior_data
+        images = target.test_x if prior == "test" else target.public_x
         if self.params.generator.path is None and len(images) < 2:
+            fix = (
+                "raise data.test_fraction"
+                if prior == "test"
+                else "set data.public_classes (classes kept out of the federation) or use prior_data: test"
+            )
             raise UserError(
-                f"attack '{self.name}': prior_data: public needs public images; set "
-                "data.public_classes (classes kept out of the federation) or use prior_data: test"
+                f"attack '{self.name}': prior_data: {prior} holds {len(images)} images, too few to "
+                f"train a GAN on; {fix}"
             )
         seed = derive_seed(target.seed, "gan", self.params.prior_data)
         self.generator, _ = train_or_load_generator(images, self.params.generator, workspace, seed, console)
@@ -215,8 +241,8 @@ class GenerativeInversion(GradientInversion):
         pick = torch.arange(len(targets), device=device), best_restarts(found.losses).to(device)
         details = found.details | {"restarts": self.params.restarts, "prior_data": self.params.prior_data}
         results = reconstructions(found.images[pick], hard, found.losses[pick], found.losses, labels, details)
-        for t, result in enumerate(results):
-            result.details |= {"stage": int(found.stages[pick][t]), "stage_losses": found.stage_losses[t].tolist()}
+        for result, stage, stage_losses in zip(results, found.stages[pick], found.stage_losses, strict=True):
+            result.details |= {"stage": int(stage), "stage_losses": stage_losses.tolist()}
         return results
 
     def latent_projection(self) -> Projection:
@@ -241,6 +267,6 @@ class LatentInversion(GenerativeInversion):
         render = stacked(generator)
         z, losses = descend(problem, start, render, self.params.iterations, self.params, self.latent_projection())
         with torch.no_grad():
-            images = render(z)
-        stages = torch.zeros_like(losses, dtype=torch.long)
-        return Candidates(images, losses, stages, losses.min(1).values[:, None], {"iterations": self.params.iterations})
+            found = keep_better(None, render(z), losses, stage=0)
+        found.details = {"iterations": self.params.iterations}
+        return found

@@ -36,6 +36,7 @@ from attacks.generative_inversion import (
     GenerativeInversion,
     PriorParams,
     descend,
+    keep_better,
     stacked,
 )
 from attacks.generator import Generator
@@ -166,7 +167,7 @@ class Gifd(GenerativeInversion):
             render = stacked(layers.tail(stage))
             variable, losses = descend(problem, variable, render, steps, self.params, project)
             with torch.no_grad():
-                best = keep_better(best, render(variable), losses.nan_to_num(nan=torch.inf), stage)
+                best = keep_better(best, render(variable), losses, stage)
             stage_losses.append(best.stage_losses[:, -1])
             if isinstance(project, L1Ball):
                 ratios.append(project.max_ratio)
@@ -175,19 +176,3 @@ class Gifd(GenerativeInversion):
         best.details = {"steps": self.params.steps, "radii": self.params.radii, "l1_ratio_max": ratios}
         return best
 
-
-def keep_better(best: Candidates | None, images: Tensor, losses: Tensor, stage: int) -> Candidates:
-    """Per (target, restart), the better of the candidates so far and this stage's (ties keep
-    the earlier); `stage_losses` holds this stage's lowest loss per target, (T, 1)."""
-    stages = torch.full_like(losses, stage, dtype=torch.long)
-    stage_best = losses.min(dim=1, keepdim=True).values
-    if best is None:
-        return Candidates(images, losses, stages, stage_best, {})
-    better = losses < best.losses
-    return Candidates(
-        torch.where(better[..., None, None, None, None], images, best.images),
-        torch.where(better, losses, best.losses),
-        torch.where(better, stages, best.stages),
-        stage_best,
-        {},
-    )

@@ -184,7 +184,7 @@ def test_the_generator_is_trained_once_and_reused(
 def test_out_of_distribution_prior_trains_on_the_public_classes_only(
     aux: AuxiliaryData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(UserError, match="prior_data: public needs public images; set data.public_classes"):
+    with pytest.raises(UserError, match="prior_data: public holds 0 images, too few to train a GAN on; set data.public_classes"):
         Gifd(GifdParams(generator=SMALL_GAN, prior_data="public")).prepare(aux, tmp_path, QUIET)
     public = federated_data(DataConfig(dataset="digits", num_clients=10, public_classes=[5, 6, 7, 8, 9]), 0)
     ood = AuxiliaryData(public.test.x, public.test.y, public.public.x, public.public.y, seed=7)
