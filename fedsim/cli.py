@@ -30,6 +30,13 @@ ScenarioFile = Annotated[Path, typer.Argument(help="scenario YAML file")]
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="override a field: --set federation.rounds=5")
 ]
+MlflowUri = Annotated[
+    str | None,
+    typer.Option(
+        "--mlflow",
+        help="also log to this MLflow store, e.g. sqlite:///mlflow.db (needs fedsim[tracking])",
+    ),
+]
 
 
 @cli.command()
@@ -37,12 +44,18 @@ def run(
     scenario_file: ScenarioFile,
     overrides: Overrides = None,
     run_dir: Annotated[Path | None, typer.Option(help="resume or write this run directory")] = None,
+    mlflow: MlflowUri = None,
 ) -> None:
     """Train the federation, run the scenario's attacks, write the run directory."""
     from fedsim.runner import run_scenario
+    from fedsim.tracking import MlflowTracker
 
     scenario = load_scenario(scenario_file, overrides or [])
-    run_scenario(scenario, run_dir, console)
+    tracker = MlflowTracker(mlflow, scenario.name) if mlflow else None  # fail before training
+    written = run_scenario(scenario, run_dir, console)
+    if tracker is not None:
+        tracker.log_run(written.root)
+        console.print(f"logged to MLflow: {mlflow} (experiment '{scenario.name}')")
 
 
 @cli.command()
@@ -104,16 +117,19 @@ def sweep(
     workers: Annotated[
         int | None, typer.Option(min=1, help="cells at the same time (default: the file's)")
     ] = None,
+    mlflow: MlflowUri = None,
 ) -> None:
     """Run every cell of a sweep in parallel; rerun the same command to resume it."""
     from fedsim.sweep import cells_table, run_sweep
     from fedsim.sweep_spec import load_sweep
+    from fedsim.tracking import MlflowTracker
 
     plan = load_sweep(sweep_file, workers)
     if dry_run:
         console.print(cells_table(plan))
         return
-    if run_sweep(plan, console).failures:
+    tracker = MlflowTracker(mlflow, plan.spec.name) if mlflow else None
+    if run_sweep(plan, console, tracker).failures:
         sys.exit(1)  # some cells failed (see their log.txt); rerunning retries only those
 
 

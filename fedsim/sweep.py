@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -61,6 +61,7 @@ from fedsim.sweep_table import (
     seed_summary,
     write_results,
 )
+from fedsim.tracking import MlflowTracker
 
 LOCK = ".lock"
 LOG = "log.txt"
@@ -258,9 +259,14 @@ class SweepProgress:
 
 
 def run_cells(
-    runner: CellRunner, sweep: Sweep, cells: list[Cell], progress: SweepProgress
+    runner: CellRunner,
+    sweep: Sweep,
+    cells: list[Cell],
+    progress: SweepProgress,
+    on_done: Callable[[Cell], None],
 ) -> dict[str, str]:
-    """Run `cells`, at most `workers` at a time; returns the failures (cell name -> error)."""
+    """Run `cells`, at most `workers` at a time, calling `on_done` as each one finishes;
+    returns the failures (cell name -> error)."""
     directory = sweep.directory
     queue, running, failures = deque(cells), {}, {}
     while queue or running:
@@ -288,6 +294,8 @@ def run_cells(
                 )
             if error is not None:
                 failures[cell.name] = error
+            else:
+                on_done(cell)
             progress.finish(cell, error)
         progress.poll(directory, list(running.values()))
     return failures
@@ -319,9 +327,21 @@ class SweepOutcome:
     seconds: float = 0.0
 
 
-def run_sweep(sweep: Sweep, console: Console) -> SweepOutcome:
-    """Run every unfinished cell of `sweep`, then write and print the results table."""
+def run_sweep(
+    sweep: Sweep, console: Console, tracker: MlflowTracker | None = None
+) -> SweepOutcome:
+    """Run every unfinished cell of `sweep`, then write and print the results table.
+
+    With a `tracker`, every finished cell is logged to MLflow as it finishes, and cells
+    finished by an earlier (killed) sweep are logged at the end.
+    """
     directory = sweep.directory
+
+    def track(cell: Cell) -> None:
+        if tracker is not None:
+            tags = {"fedsim.sweep": sweep.spec.name, "fedsim.cell": cell.name}
+            tracker.log_run(directory / cell.name, {**tags, "fedsim.seed": str(cell.seed)})
+
     started = time.perf_counter()
     with exclusive(directory / LOCK, f"sweep directory '{directory}'"):
         write_manifest(sweep)
@@ -337,9 +357,12 @@ def run_sweep(sweep: Sweep, console: Console) -> SweepOutcome:
             runner = cell_runner(sweep.spec)
             try:
                 with SweepProgress(console, len(sweep.cells), done) as progress:
-                    failures = run_cells(runner, sweep, pending, progress)
+                    failures = run_cells(runner, sweep, pending, progress, track)
             finally:
                 runner.close()
+        for cell in sweep.cells:
+            if cell.name not in failures and run_status(directory / cell.name) == "done":
+                track(cell)
         table = write_results(directory)
     outcome = SweepOutcome(directory, table, failures, time.perf_counter() - started)
     console.print(summary_table(sweep, table))
