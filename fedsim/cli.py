@@ -103,7 +103,9 @@ def attack(
     run = RunDirectory(run_dir).require()
     base = load_run_scenario(run)
     raw = base.model_dump(mode="json")
-    raw["attacks"] = [{"name": attack_name}]
+    # start from the scenario's own settings of this attack, if it has them
+    configured = [spec for spec in raw["attacks"] if spec["name"] == attack_name]
+    raw["attacks"] = configured[:1] or [{"name": attack_name}]
     spec_overrides = [f"attacks.0.{o}" for o in overrides or []]
     scenario: Scenario = build_scenario(raw, spec_overrides)
     attack_run(run, base, scenario.attacks, console, rounds=rounds, clients=clients)

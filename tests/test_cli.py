@@ -176,6 +176,15 @@ def test_attack_existing_run_with_new_parameters(run_copy: Path) -> None:
     assert json_files(attack_dir) == before
 
 
+def test_attack_set_changes_only_the_named_parameter_of_the_scenario_attack(run_copy: Path) -> None:
+    """The scenario runs dlg with iterations=5 (default 300): `--set labels=inferred` keeps 5."""
+    code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "labels=inferred")
+    assert (code, err) == (0, ""), out
+    records = [json.loads(p.read_text()) for p in (run_copy / "attacks" / "dlg").glob("*.json")]
+    assert records and all(r["attack"]["labels"] == "inferred" for r in records)
+    assert all(r["attack"]["iterations"] == 5 for r in records)
+
+
 def test_attack_on_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     for directory in (Path("/nonexistent"), tmp_path):
         line = one_line_error(*run_cli("attack", directory, "--attack", "dlg"))
