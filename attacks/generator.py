@@ -184,7 +184,8 @@ def train_or_load_generator(
     else:
         if len(public_x) < 2:
             raise UserError(
-                "generator: needs at least 2 public images to train on; set data.public_classes"
+                "generator: needs at least 2 auxiliary images to train on; set data.public_classes "
+                "or the attack's prior_data"
             )
         (train or train_gan)(generator, discriminator, public_x, params, seed, console)
         state = {f"generator.{k}": v for k, v in generator.state_dict().items()}
@@ -239,7 +240,7 @@ def train_gan(
     discriminator.train()
     batch = min(params.batch_size, len(public_x))
     columns = (
-        TextColumn("training GAN on {task.fields[images]} public images"),
+        TextColumn("training GAN on {task.fields[images]} auxiliary images"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}  D {task.fields[d]:.3f}  G {task.fields[g]:.3f}"),
         TimeElapsedColumn(),
@@ -259,7 +260,7 @@ def train_gan(
             opt_g.step()
             progress.update(task, advance=1, d=loss_d.item(), g=loss_g.item())
     console.print(
-        f"generator: trained {params.steps} steps on {len(public_x)} public images "
+        f"generator: trained {params.steps} steps on {len(public_x)} auxiliary images "
         f"(D loss {loss_d.item():.3f}, G loss {loss_g.item():.3f})"
     )
 

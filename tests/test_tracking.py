@@ -10,22 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_helpers import run_cli
+from test_sweep import TINY as SWEEP_TINY
 
 from fedsim.results import read_json
 from fedsim.sweep_table import load_results
 
 mlflow = pytest.importorskip("mlflow")
 
-TINY = {
-    "name": "tiny_tracked",
-    "data": {"dataset": "digits", "num_clients": 4},
-    "model": {"name": "mlp", "hidden": [16]},
-    "training": {"batch_size": 1, "local_steps": 1, "lr": 0.5},
-    "federation": {"rounds": 2},
-    "observer": {"rounds": [1], "clients": [0]},
-    "defenses": [{"name": "topk", "keep_fraction": 1.0}],
-    "attacks": [{"name": "dlg", "iterations": 5}],
-}
+TINY = {**SWEEP_TINY, "name": "tiny_tracked"}
 
 
 def runs_of(store: str, experiment: str) -> list[mlflow.entities.Run]:
