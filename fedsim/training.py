@@ -83,6 +83,26 @@ def make_optimizer(model: nn.Module, hp: LocalHyperParams) -> torch.optim.Optimi
     )
 
 
+def proximal_pull(optimizer: torch.optim.Optimizer, mu: float) -> Callable[..., None]:
+    """FedProx's proximal term mu/2 ||w - w_global||^2, as a hook run before every step.
+
+    The term reads no example, so its gradient mu (w - w_global) is added to the parameters'
+    gradients just before the optimizer steps, after any train-time defense made the data
+    gradient private: Opacus replaces the gradient with its clipped, noised sum, which would
+    drop a term added to the loss, and adding it afterwards costs no privacy.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    anchor = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def pull(*_: Any) -> None:
+        for param, start in zip(params, anchor):
+            if param.grad is not None:
+                param.grad.add_(param - start, alpha=mu)
+
+    return pull
+
+
 def make_loader(data: TensorData, batch_size: int, generator: torch.Generator) -> DataLoader:
     """Shuffled batches of (x, y, example index), reproducible from `generator`."""
     indices = torch.arange(len(data))
@@ -115,13 +135,14 @@ def train_locally(
         steps += 1
 
     optimizer.register_step_post_hook(count_step)
+    if hp.proximal_mu:
+        optimizer.register_step_pre_hook(proximal_pull(optimizer, hp.proximal_mu))
     loader = make_loader(data, hp.batch_size, generator)
     for defense, state in zip(defenses, states, strict=True):
         model, optimizer, loader = defense.prepare(model, optimizer, loader, training, state)
     criterion: Callable[[Any, torch.Tensor], Any] = task_criterion(data)
     for defense in defenses:
         criterion = defense.criterion(criterion)
-    anchor = [p.detach().clone() for p in model.parameters()] if hp.proximal_mu else []
 
     total_steps = hp.steps_for(len(data))
     losses: list[float] = []
@@ -137,10 +158,6 @@ def train_locally(
                 extra = defense.loss(model, output, y)
                 if extra is not None:
                     loss = loss + extra
-            if anchor:
-                loss = loss + hp.proximal_mu / 2 * sum(
-                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor)
-                )
             loss.backward()
             steps_before = steps
             optimizer.step()
