@@ -194,12 +194,12 @@ def defended_weights(
     local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not setup.update_defenses:
         return local
-    floating = {k for k, v in local.items() if v.is_floating_point()}
-    update = {k: local[k] - global_state[k] for k in floating}
+    # in the model's own tensor order: the defenses draw their noise tensor by tensor
+    update = {k: v - global_state[k] for k, v in local.items() if v.is_floating_point()}
     generator = torch_generator(setup.scenario.seed, "update-defense", server_round, pid)
     for defense in setup.update_defenses:
         update = defense.transform(update, generator)
-    return {k: global_state[k] + update[k] if k in floating else v for k, v in local.items()}
+    return {k: global_state[k] + update[k] if k in update else v for k, v in local.items()}
 
 
 @app.evaluate()

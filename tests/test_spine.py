@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fedsim.config import build_scenario
 from fedsim.data import federated_data
@@ -67,6 +71,23 @@ def test_same_seed_same_numbers_and_other_seed_differs(tmp_path: Path) -> None:
     assert first == second
     other = metrics_without_time(run(tmp_path, "c", seed=4))
     assert other != first
+
+
+def test_same_seed_same_model_in_fresh_processes_whatever_their_hash_seed(tmp_path: Path) -> None:
+    """Cross-process reproducibility, with an update defense that draws noise (within one
+    process set and dict orders repeat; across processes with other hash seeds they do not)."""
+    scenario = tmp_path / "noisy.yaml"
+    raw = tiny(tmp_path, federation__rounds=2, observer={"rounds": [], "clients": []})
+    raw["defenses"] = [{"name": "gaussian_noise", "std": 0.01}, {"name": "topk", "keep_fraction": 0.5}]
+    scenario.write_text(yaml.safe_dump(raw))
+    models = []
+    for hash_seed in ("1", "2"):
+        run_dir = tmp_path / f"run{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        command = [sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--run-dir", str(run_dir)]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        models.append((run_dir / "model.safetensors").read_bytes())
+    assert models[0] == models[1]
 
 
 def test_cohorts_are_seeded_by_partition_id(tmp_path: Path) -> None:
