@@ -13,7 +13,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -28,7 +27,7 @@ from fedsim.observer import ObservingGrid
 from fedsim.registry import STRATEGIES
 from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
 from fedsim.sampling import SeededCohorts
-from fedsim.seeding import derive_seed
+from fedsim.seeding import numpy_global_seed
 from fedsim.training import LocalHyperParams, evaluate
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -60,8 +59,6 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     """Run every federated round of `scenario`, writing `run` as it goes."""
     data = federated_data(scenario.data, scenario.seed)
     model = initial_model(scenario)
-    # Flower's central-DP wrappers draw their noise from numpy's global generator.
-    np.random.seed(derive_seed(scenario.seed, "server-noise") % 2**32)
     server_defenses = [d for d in build_defenses(scenario.defenses) if isinstance(d, ServerTimeDefense)]
     for defense in server_defenses:
         grid = defense.transport(grid, scenario)  # below the observer: e.g. secure aggregation
@@ -107,14 +104,16 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
         return MetricRecord({"accuracy": test["accuracy"], "loss": test["loss"]})
 
     config = ConfigRecord(train_config(scenario))
-    result = strategy.start(
-        grid=view,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=scenario.federation.rounds,
-        train_config=config,
-        evaluate_config=config,
-        evaluate_fn=evaluate_global,
-    )
+    # Flower's central-DP wrappers draw their noise from numpy's global generator.
+    with numpy_global_seed(scenario.seed, "server-noise"):
+        result = strategy.start(
+            grid=view,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=scenario.federation.rounds,
+            train_config=config,
+            evaluate_config=config,
+            evaluate_fn=evaluate_global,
+        )
     final = result.arrays.to_torch_state_dict()
     if scenario.output.save_model:
         contiguous = {k: v.contiguous() for k, v in final.items()}
