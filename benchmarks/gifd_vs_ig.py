@@ -3,10 +3,11 @@
     fedsim sweep scenarios/sweeps/gifd_vs_ig.yaml
     python benchmarks/gifd_vs_ig.py runs/sweeps/gifd_vs_ig [--figures DIR] [--client 0]
 
-Prints one markdown table: per defense and batch size, each attack's mean PSNR / SSIM /
-label accuracy over the attacked clients (the sweep's results table, `fedsim.sweep_table`).
-Writes, per cell, one image grid stacking every attack's truth-over-reconstruction grid of
-one client (the PNGs the runner wrote), named `<defense>_b<batch>.png`.
+Prints one markdown table: per defense and batch size, each attack's PSNR (mean ± standard
+deviation over seeds of the mean over the attacked clients) / SSIM / label accuracy (means),
+from the sweep's results table (`fedsim.sweep_table`). Writes, per setting, one image grid
+stacking every attack's truth-over-reconstruction grid of one client of the first seed (the
+PNGs the runner wrote), named `<defense>_b<batch>.png`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from matplotlib.image import imread
 
 from fedsim.results import RunDirectory
 from fedsim.runner import load_run_scenario
-from fedsim.sweep_table import load_results
+from fedsim.sweep_table import load_results, seed_summary
 
 ATTACKS = ("ig", "gan_latent", "gifd")
-METRICS = (("psnr", "{:.1f}"), ("ssim", "{:.3f}"), ("label_accuracy", "{:.2f}"))
 
 
 def defense_name(value: object) -> str:
@@ -39,13 +39,19 @@ def defense_name(value: object) -> str:
 
 
 def markdown(table: pd.DataFrame, attacks: list[str]) -> str:
-    """One row per (defense, batch size, prior): 'PSNR / SSIM / labels' per attack."""
+    """One row per (defense, batch size, prior): 'PSNR ± spread / SSIM / labels' per attack."""
     axes = [c for c in ("defense", "training.batch_size", "prior") if c in table]
-    header = [*axes, *attacks]
+    summary = seed_summary(table, axes)
+    header = [*axes, "seeds", *attacks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in table.iterrows():
-        cells = [" / ".join(fmt.format(row[f"{a}_{m}"]) for m, fmt in METRICS) for a in attacks]
-        lines.append("| " + " | ".join([*(str(row[c]) for c in axes), *cells]) + " |")
+    for _, row in summary.iterrows():
+        cells = [
+            f"{row[f'{a}_psnr']:.1f} ± {row[f'{a}_psnr_std']:.1f} / {row[f'{a}_ssim']:.3f} / "
+            f"{row[f'{a}_label_accuracy']:.2f}"
+            for a in attacks
+        ]
+        values = [*(str(row[c]) for c in axes), str(row["seeds"])]
+        lines.append("| " + " | ".join([*values, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -88,7 +94,7 @@ def main() -> None:
 
     out = args.figures or args.sweep_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    for _, row in table.iterrows():
+    for _, row in table.drop_duplicates("index").iterrows():  # the first seed of each setting
         run_dir = Path(row["run_dir"])
         batch = load_run_scenario(RunDirectory(run_dir)).training.batch_size
         prior = f"_{row['prior']}" if "prior" in row else ""
