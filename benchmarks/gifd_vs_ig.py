@@ -55,6 +55,31 @@ def markdown(table: pd.DataFrame, attacks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def target_psnr(run_dir: Path, attack: str) -> dict[str, float]:
+    """PSNR of each target (round and client) an attack reconstructed in one run."""
+    files = sorted((run_dir / "attacks" / attack).glob("round_*_client_*.json"))
+    return {f.stem: json.loads(f.read_text())["psnr"] for f in files}
+
+
+def head_to_head(table: pd.DataFrame, attack: str, others: list[str]) -> str:
+    """Per setting, on how many targets (all seeds and clients) `attack` scored a higher PSNR
+    than each of `others`: a paired count, free of the spread between targets."""
+    axes = [c for c in ("defense", "training.batch_size", "prior") if c in table]
+    header = [*axes, "targets", *(f"{attack} > {other}" for other in others)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for values, cells in table.groupby(axes, sort=False):
+        wins, targets = dict.fromkeys(others, 0), 0
+        for run_dir in map(Path, cells["run_dir"]):
+            ours = target_psnr(run_dir, attack)
+            targets += len(ours)
+            for other in others:
+                theirs = target_psnr(run_dir, other)
+                wins[other] += sum(psnr > theirs[name] for name, psnr in ours.items())
+        row = [*map(str, values), str(targets), *(str(wins[o]) for o in others)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def grid(run_dir: Path, attacks: list[str], client: int, title: str, path: Path) -> None:
     """Every attack's truth-over-reconstruction PNG of one client, stacked."""
     pngs = [
@@ -91,6 +116,8 @@ def main() -> None:
     attacks = [a for a in ATTACKS if f"{a}_psnr" in table]
     print(f"{len(table)} finished cells of {args.sweep_dir}; each entry: PSNR dB / SSIM / label accuracy")
     print(markdown(table, attacks))
+    if "gifd" in attacks:
+        print(head_to_head(table, "gifd", [a for a in attacks if a != "gifd"]))
 
     out = args.figures or args.sweep_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
