@@ -104,13 +104,20 @@ def image_grid(root: Path, cells: pd.DataFrame, labels: list[str], per_cell: int
         for attack in attacks:
             pictures = []
             for image in sorted((run.attacks_dir / attack).glob("*.png"))[:per_cell]:
-                scores = read_json(image.with_suffix(".json"))
-                caption = f"{image.stem}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}"
+                caption = score_caption(image.stem, read_json(image.with_suffix(".json")))
                 relative = image.resolve().relative_to(root.resolve()).as_posix()
                 pictures.append(Picture(relative, image.read_bytes(), caption))
             row.append(pictures)
         rows.append(row)
     return TableBlock(["setting", "seed", *attacks], rows)
+
+
+def score_caption(name: str, scores: dict) -> str:
+    """A reconstruction's scores: PSNR/SSIM (gradient attacks) or the evaluation classifier's
+    verdict (model inversion)."""
+    if "psnr" in scores:
+        return f"{name}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}"
+    return f"{name}: top-1 {scores['top1_accuracy']:.2f}, KNN distance {scores['knn_distance']:.2f}"
 
 
 def spread_table(summary: pd.DataFrame, axes: list[str], metrics: list[str]) -> TableBlock:
@@ -128,13 +135,16 @@ def pareto_blocks(summary: pd.DataFrame, axes: list[str]) -> list[Block]:
     blocks: list[Block] = [
         Heading("Utility-leakage Pareto frontier"),
         figure(
-            "pareto", plot, "Red: the settings no other setting beats on both accuracy and PSNR."
+            "pareto",
+            plot,
+            "Red: the settings no other setting beats on both accuracy and leakage (PSNR of "
+            "gradient attacks; top-1 accuracy of model-inversion attacks).",
         ),
     ]
     labels = figures.combination_labels(summary, axes)
     accuracy = "final_test_accuracy"
     for attack in figures.attacks_of(summary):
-        leak = f"{attack}_psnr"
+        leak = figures.headline(summary, attack)
         front = figures.pareto_front(summary[leak].tolist(), summary[accuracy].tolist())
         rows: list[list[Cell]] = [
             [
@@ -147,7 +157,7 @@ def pareto_blocks(summary: pd.DataFrame, axes: list[str]) -> list[Block]:
         ]
         blocks += [
             Text(f"On the frontier for {attack}:"),
-            TableBlock(["setting", "final accuracy", f"{attack} PSNR"], rows),
+            TableBlock(["setting", "final accuracy", leak], rows),
         ]
     return blocks
 

@@ -17,9 +17,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fedsim.sweep_spec import short_names
-from fedsim.sweep_table import LEAKAGE
+from fedsim.sweep_table import LEAKAGE, MODEL_LEAKAGE
 
-LEAKAGE_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "label_accuracy": "label accuracy"}
+LEAKAGE_LABELS = {
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "label_accuracy": "label accuracy",
+    "top1_accuracy": "attack top-1 accuracy",
+    "top5_accuracy": "attack top-5 accuracy",
+    "knn_distance": "KNN distance to private data",
+}
+HEADLINE = ("psnr", "top1_accuracy")
+"""The leakage score the Pareto frontier uses (lower = less leakage): gradient attacks' PSNR,
+else model-inversion attacks' top-1 accuracy under the evaluation classifier."""
 ACCURACY = "final_test_accuracy"
 
 
@@ -43,8 +53,27 @@ def combination_labels(summary: pd.DataFrame, axes: Sequence[str]) -> list[str]:
     ]
 
 
-def attacks_of(summary: pd.DataFrame) -> list[str]:
-    return sorted(c.removesuffix("_psnr") for c in summary.columns if c.endswith("_psnr"))
+def attacks_of(summary: pd.DataFrame, metric: str | None = None) -> list[str]:
+    """Attacks with a score in `summary` (for `metric`, or for any leakage metric)."""
+    metrics = [metric] if metric else [*LEAKAGE, *MODEL_LEAKAGE]
+    return sorted(
+        {
+            column.removesuffix(f"_{m}")
+            for column in summary.columns
+            for m in metrics
+            if column.endswith(f"_{m}") and summary[column].notna().any()
+        }
+    )
+
+
+def leakage_metrics(summary: pd.DataFrame) -> list[str]:
+    """The leakage metrics some attack in `summary` has a value for, in a fixed order."""
+    return [m for m in (*LEAKAGE, *MODEL_LEAKAGE) if attacks_of(summary, m)]
+
+
+def headline(summary: pd.DataFrame, attack: str) -> str:
+    """The column of `attack`'s headline leakage score (see HEADLINE)."""
+    return next(f"{attack}_{m}" for m in HEADLINE if f"{attack}_{m}" in summary)
 
 
 def errorbar(
@@ -108,7 +137,8 @@ def leakage_vs_strength(summary: pd.DataFrame, axes: Sequence[str], axis_name: s
     """
     others = [a for a in axes if a != axis_name]
     groups = summary.groupby(others, sort=False) if others else [((), summary)]
-    panels = [ACCURACY, *(LEAKAGE if attacks_of(summary) else ())]
+    metrics = leakage_metrics(summary)
+    panels = [ACCURACY, *metrics]
     figure = Figure(figsize=(4.0 * len(panels), 3.6))
     plots = np.atleast_1d(figure.subplots(1, len(panels)))
     for _, group in groups:
@@ -116,8 +146,8 @@ def leakage_vs_strength(summary: pd.DataFrame, axes: Sequence[str], axis_name: s
         x, ticks = strength_positions(group[axis_name])
         suffix = f" ({', '.join(combination_labels(group.head(1), others))})" if others else ""
         errorbar(plots[0], x, ACCURACY, group, label=f"accuracy{suffix}")
-        for panel, metric in zip(plots[1:], LEAKAGE):
-            for attack in attacks_of(group):
+        for panel, metric in zip(plots[1:], metrics):
+            for attack in attacks_of(group, metric):
                 errorbar(panel, x, f"{attack}_{metric}", group, label=f"{attack}{suffix}")
     short = short_names(axes)[axis_name]
     for panel, metric in zip(plots, panels):
@@ -152,7 +182,7 @@ def pareto_front(leakage: Sequence[float], utility: Sequence[float]) -> list[boo
 
 
 def pareto(summary: pd.DataFrame, axes: Sequence[str]) -> Figure | None:
-    """Final accuracy against PSNR of each attack, with the Pareto frontier drawn."""
+    """Final accuracy against each attack's headline leakage, with the Pareto frontier drawn."""
     attacks = attacks_of(summary)
     if not attacks:
         return None
@@ -160,7 +190,7 @@ def pareto(summary: pd.DataFrame, axes: Sequence[str]) -> Figure | None:
     plots = np.atleast_1d(figure.subplots(1, len(attacks)))
     labels = combination_labels(summary, axes)
     for plot, attack in zip(plots, attacks):
-        leak = f"{attack}_psnr"
+        leak = headline(summary, attack)
         plot.errorbar(
             summary[leak],
             summary[ACCURACY],
@@ -191,7 +221,8 @@ def pareto(summary: pd.DataFrame, axes: Sequence[str]) -> Figure | None:
                 xytext=(5, 4),
                 fontsize=7,
             )
-        plot.set_xlabel(f"{attack} reconstruction PSNR (dB, lower = less leakage)")
+        metric = LEAKAGE_LABELS[leak.removeprefix(f"{attack}_")]
+        plot.set_xlabel(f"{attack} {metric} (lower = less leakage)")
         plot.set_ylabel("final test accuracy")
         plot.set_title(f"utility vs leakage: {attack}")
         plot.grid(alpha=0.3)

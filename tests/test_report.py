@@ -158,6 +158,42 @@ def test_single_run_report(tmp_path: Path) -> None:
     assert code == 2 and err.startswith("error: ") and "neither a sweep directory" in err
 
 
+def test_model_inversion_sweep_report_plots_attack_accuracy(tmp_path: Path) -> None:
+    """A sweep whose attack is model inversion (scored by the evaluation classifier, no PSNR)
+    gets its leakage plots, Pareto frontier on top-1 accuracy, and per-class images."""
+    scenario = {
+        "name": "mi",
+        "data": {"dataset": "digits", "num_clients": 3, "public_classes": [5, 6, 7, 8, 9]},
+        "model": {"name": "mlp", "hidden": [32]},
+        "training": {"batch_size": 32, "local_epochs": 1, "lr": 0.5},
+        "federation": {"rounds": 2},
+        "observer": {"rounds": "none"},
+        "attacks": [{"name": "mi_face", "iterations": 10, "images_per_class": 1}],
+    }
+    spec = {
+        "name": "mi",
+        "scenario": scenario,
+        "axes": {"defenses": [[], [{"name": "mid", "beta": 0.1}]]},
+        "output": str(tmp_path),
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    code, out, err = run_cli("sweep", tmp_path / "sweep.yaml")
+    assert code == 0, (out, err)
+    code, out, err = run_cli("report", tmp_path / "mi")
+    assert code == 0, (out, err)
+
+    markdown = (tmp_path / "mi" / "report.md").read_text()
+    assert "## Utility-leakage Pareto frontier" in markdown
+    assert "| setting | final accuracy | mi_face_top1_accuracy |" in markdown
+    assert "class_00: top-1 " in markdown  # the reconstructions' captions
+    page = Page()
+    page.feed((tmp_path / "mi" / "report.html").read_text())
+    assert len(page.images) == 2 + 2 * 1  # strength plot, Pareto; one image per cell
+    table = load_results(tmp_path / "mi")
+    for value in table["mi_face_top1_accuracy"]:
+        assert f"{value:.4g}" in page.cells
+
+
 def chromium(*args: str | Path, user_data: Path) -> subprocess.CompletedProcess[str]:
     command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
