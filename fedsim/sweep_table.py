@@ -31,7 +31,7 @@ ERROR_FILE = "error.txt"
 LEAKAGE = ("psnr", "ssim", "label_accuracy")
 """Image leakage scores of gradient attacks (the report plots these)."""
 MODEL_LEAKAGE = ("top1_accuracy", "top5_accuracy", "knn_distance")
-"""Evaluation-classifier scores of model-inversion attacks (tabulated, not yet plotted)."""
+"""Evaluation-classifier scores of model-inversion attacks (the report plots these too)."""
 UTILITY = ("final_test_accuracy", "best_test_accuracy")
 PRIVACY = ("epsilon", "max_client_epsilon", "central_epsilon")
 
