@@ -275,6 +275,11 @@ class InversionParams(BaseModel):
         description="inferred: from the last layer's gradient (iDLG at one image, mean-softmax "
         "label counts for more); known: the client's true labels (a stronger threat model)",
     )
+    label_scale: Literal["update", "estimated"] = Field(
+        "update",
+        description="label counts (more than one image) at the update's scale, or at a scale "
+        "estimated from the classes absent from the batch: for clipped updates",
+    )
     targets_per_batch: int = Field(
         16, ge=1, description="observations of one shape optimised together as one vectorised problem"
     )
@@ -341,7 +346,9 @@ class GradientInversion(Attack):
                 )
             return LabelChoice(target.known_labels.long().cpu(), "known")
         generator = torch_generator(self.seed, "label-inference", target.server_round, target.client)
-        labels, method = infer_labels(target, mean_step_gradient(target), count, generator, self.name)
+        labels, method = infer_labels(
+            target, mean_step_gradient(target), count, generator, self.name, self.params.label_scale
+        )
         return LabelChoice(labels, method)
 
     def observation(self, targets: list[GradientTarget]) -> tuple[Callable[[GradientTarget], list[Tensor]], Simulation]:

@@ -36,7 +36,13 @@ from attacks.gradient_matching import (
     total_variation,
 )
 from attacks.inverting_gradients import InvertingGradients
-from attacks.label_inference import infer_labels, labels_from_counts
+from attacks.label_inference import (
+    estimated_scale,
+    infer_labels,
+    labels_from_counts,
+    last_layer,
+    mean_prediction,
+)
 from attacks.metrics import label_accuracy, score_images
 from attacks.targets import from_gradient, from_local_training
 from fedsim.attack import GradientTarget
@@ -160,6 +166,25 @@ def test_label_inference_idlg_and_mean_softmax_counts(digits: TensorData) -> Non
         accuracy.append(label_accuracy(labels, used.y))
     assert accuracy[:5] == [1.0] * 5  # iDLG at batch 1: always right
     assert sum(accuracy) / len(accuracy) >= 0.98, accuracy
+
+
+def test_estimated_scale_recovers_the_labels_of_a_clipped_update(digits: TensorData) -> None:
+    """A client that scales its update by an unknown c (norm clipping) breaks the counts at
+    the update's scale; the scale estimated from the absent classes restores them, and on an
+    unscaled update it finds c = 1."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        target, used = client(digits, 40 * trial, 4, hyper(4, 1), model("lenet", trial))
+        gradient = mean_step_gradient(target)
+        weight, bias = last_layer(target)
+        pbar = mean_prediction(target, generator)
+        assert estimated_scale(gradient[bias], pbar) == pytest.approx(1.0, rel=0.2)
+        clipped = [0.1 * g for g in gradient]
+        as_sent, _ = infer_labels(target, clipped, 4, generator, "test")
+        rescaled, method = infer_labels(target, clipped, 4, generator, "test", "estimated")
+        assert method == "mean-softmax-counts (scale estimated)"
+        assert label_accuracy(rescaled, used.y) == 1.0
+        assert label_accuracy(as_sent, used.y) < 1.0
 
 
 def test_labels_from_counts_rounds_by_largest_remainder() -> None:
