@@ -1,11 +1,13 @@
 """FedAvg-update inversion: unroll the client's local training on the dummy data.
 
-A FedAvg client takes T local SGD steps (lr eta, momentum mu, weight decay lambda) over its
-n examples in mini-batches of B and sends the update Delta = theta_T - theta_0. The attack
-(Geiping et al. 2020, section 6: "Inverting gradients ... of federated averaging") runs the
-same T steps on n dummy images, differentiably in the images:
+A FedAvg client takes T local SGD steps (lr eta, momentum mu, weight decay lambda, FedProx's
+proximal weight rho) over its n examples in mini-batches of B and sends the update
+Delta = theta_T - theta_0. The attack (Geiping et al. 2020, section 6: "Inverting gradients
+... of federated averaging") runs the same T steps on n dummy images, differentiably in the
+images:
 
     v_{t+1} = mu v_t + grad_theta CE(f_{theta_t}(x_b(t)), y_b(t)) + lambda theta_t
+              + rho (theta_t - theta_0)
     theta_{t+1} = theta_t - eta v_{t+1}
 
 with torch.func.grad over functional_call inside the vmapped objective, and matches the
@@ -48,6 +50,7 @@ def unrolled_update(
     lr: float,
     momentum: float,
     weight_decay: float,
+    proximal_mu: float = 0.0,
 ) -> list[Tensor]:
     """theta_T - theta_0 after the client's SGD steps on (images, labels), as torch.optim.SGD
     computes them (momentum buffer starts at the first gradient, no dampening)."""
@@ -56,7 +59,8 @@ def unrolled_update(
     for start, stop in schedule:
         gradient = model.loss_gradient(weights, images[start:stop], labels[start:stop])
         for name, g in gradient.items():
-            velocity[name] = momentum * velocity[name] + g + weight_decay * weights[name]
+            pull = proximal_mu * (weights[name] - params[name])
+            velocity[name] = momentum * velocity[name] + g + weight_decay * weights[name] + pull
         weights = {name: w - lr * velocity[name] for name, w in weights.items()}
     return [weights[name] - params[name] for name in params]
 
@@ -66,13 +70,21 @@ class FedAvgInversion(InvertingGradients):
     """FedAvg-update inversion: unroll the client's local SGD steps over the dummies (Geiping et al. 2020).
 
     Matches the whole update with Inverting Gradients' cosine distance + TV and signed Adam;
-    needs the client's optimizer to be SGD (momentum and weight decay are unrolled too).
+    needs the client's optimizer to be SGD (momentum, weight decay and FedProx's proximal
+    term are unrolled too).
     """
 
     name = "fedavg_inversion"
 
     def group_key(self, target: GradientTarget) -> Hashable:
-        schedule = (target.batch_size, target.local_steps, target.lr, target.momentum, target.weight_decay)
+        schedule = (
+            target.batch_size,
+            target.local_steps,
+            target.lr,
+            target.momentum,
+            target.weight_decay,
+            target.proximal_mu,
+        )
         return (super().group_key(target), schedule)
 
     def observation(self, targets: list[GradientTarget]) -> tuple[Callable[[GradientTarget], list[Tensor]], Simulation]:
@@ -88,5 +100,6 @@ class FedAvgInversion(InvertingGradients):
             lr=first.lr,
             momentum=first.momentum,
             weight_decay=first.weight_decay,
+            proximal_mu=first.proximal_mu,
         )
         return GradientTarget.parameter_update, simulate

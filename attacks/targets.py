@@ -80,6 +80,7 @@ def from_local_training(
         optimizer=hp.optimizer,
         momentum=hp.momentum,
         weight_decay=hp.weight_decay,
+        proximal_mu=hp.proximal_mu,
     )
     return target, data.subset(used)
 

@@ -48,6 +48,7 @@ class GradientTarget:
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx's proximal term, sent with the other settings
 
     def parameter_update(self) -> list[torch.Tensor]:
         """The update restricted to trainable parameters, in `model.parameters()` order."""

@@ -124,6 +124,7 @@ def gradient_target(observation: Observation, scenario: Scenario, data: Federate
         optimizer=observation.hyperparams.optimizer,
         momentum=observation.hyperparams.momentum,
         weight_decay=observation.hyperparams.weight_decay,
+        proximal_mu=observation.hyperparams.proximal_mu,
     )
 
 

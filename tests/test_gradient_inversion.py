@@ -225,12 +225,14 @@ def test_ig_recovers_a_batch_of_four_digits(digits: TensorData) -> None:
     assert scores["psnr"] >= 30, scores["psnr_per_image"]
 
 
-def test_unrolled_update_equals_the_clients_update(digits: TensorData) -> None:
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+def test_unrolled_update_equals_the_clients_update(digits: TensorData, proximal_mu: float) -> None:
     """Given the true data in the client's batch order, the unroll reproduces the update the
-    client sent: SGD with momentum and weight decay, 2 steps over 6 examples in batches of 4."""
+    client sent: SGD with momentum and weight decay (and FedProx's proximal term), 2 steps
+    over 6 examples in batches of 4."""
     net = model("convnet", width=8)
     data = digits.subset(list(range(6)))
-    hp = hyper(4, 2, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    hp = hyper(4, 2, lr=0.1, momentum=0.9, weight_decay=1e-3, proximal_mu=proximal_mu)
     target, _ = from_local_training(net, data, hp, seed=3)
     batches = [idx.tolist() for _, _, idx in make_loader(data, 4, torch.Generator().manual_seed(3))]
     order = [i for batch in batches for i in batch]  # the attacker's slices, filled truthfully
@@ -238,8 +240,10 @@ def test_unrolled_update_equals_the_clients_update(digits: TensorData) -> None:
     assert local_schedule(6, 4, 5) == [(0, 4), (4, 6), (0, 4), (4, 6), (0, 4)]  # epochs cycle
     params = {k: p.detach() for k, p in net.named_parameters()}
     simulated = unrolled_update(
-        FunctionalModel.of(net), params, data.x[order], data.y[order], local_schedule(6, 4, 2), 0.1, 0.9, 1e-3
+        FunctionalModel.of(net), params, data.x[order], data.y[order], local_schedule(6, 4, 2),
+        0.1, 0.9, 1e-3, target.proximal_mu,
     )
+    assert target.proximal_mu == proximal_mu
     for got, want in zip(simulated, target.parameter_update(), strict=True):
         assert torch.allclose(got, want, atol=1e-6)
 
