@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -320,6 +320,8 @@ class PrivateGradientDescent(FedAvg):
 @STRATEGIES.register("dp_gd")
 class DpGd:
     """DP-GD: full-batch gradient descent on clipped, Gaussian-noised client gradients."""
+
+    releases_weights: ClassVar[bool] = False  # clients send noised gradients (see above)
 
     Params: type[DpGdParams] = DpGdParams
 

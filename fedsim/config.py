@@ -218,6 +218,14 @@ class Scenario(Section):
             bad = [r for r in self.observer.rounds if not 1 <= r <= self.federation.rounds]
             if bad:
                 raise ValueError(f"observer.rounds {bad} outside 1..{self.federation.rounds}")
+        strategy = self.federation.strategy.name
+        inverting = [a.name for a in self.attacks if ATTACKS.get(a.name).target_kind == "gradient"]
+        if inverting and not getattr(STRATEGIES.get(strategy), "releases_weights", True):
+            raise ValueError(
+                f"attacks {inverting} invert recorded weight updates, but under strategy "
+                f"'{strategy}' clients release noised gradients, which the observer does not "
+                "record; drop those attacks or use a weight-averaging strategy (e.g. fedavg)"
+            )
         return self
 
     @property

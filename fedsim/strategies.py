@@ -28,6 +28,8 @@ class FlowerStrategy:
     """A registered Flower strategy: `flower_class` built with the scenario's params."""
 
     flower_class: ClassVar[type[Strategy]]
+    releases_weights: ClassVar[bool] = True
+    """Clients send weights, which the observer records and gradient attacks invert."""
     Params: ClassVar[type[BaseModel]]
 
     @classmethod
