@@ -332,8 +332,8 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run every unfinished cell of `sweep`, then write and print the results table.
 
-    With a `tracker`, every finished cell is logged to MLflow as it finishes, and cells
-    finished by an earlier (killed) sweep are logged at the end.
+    With a `tracker`, cells finished by an earlier (killed) sweep are logged to MLflow first,
+    the others as they finish.
     """
     directory = sweep.directory
 
@@ -345,13 +345,17 @@ def run_sweep(
     started = time.perf_counter()
     with exclusive(directory / LOCK, f"sweep directory '{directory}'"):
         write_manifest(sweep)
-        pending = [c for c in sweep.cells if run_status(directory / c.name) != "done"]
-        done = len(sweep.cells) - len(pending)
+        finished = {c.name for c in sweep.cells if run_status(directory / c.name) == "done"}
+        pending = [c for c in sweep.cells if c.name not in finished]
+        done = len(finished)
         where = f"Ray at {sweep.spec.ray_address}" if sweep.spec.ray_address else "processes"
         console.print(
             f"[bold]fedsim sweep[/] {sweep.spec.name}: {len(sweep.cells)} cells ({done} already "
             f"done), {sweep.spec.workers} at a time in {where} -> {directory}"
         )
+        for cell in sweep.cells:
+            if cell.name in finished:  # by an earlier sweep: logged now if it is not yet
+                track(cell)
         failures: dict[str, str] = {}
         if pending:
             runner = cell_runner(sweep.spec)
@@ -360,9 +364,6 @@ def run_sweep(
                     failures = run_cells(runner, sweep, pending, progress, track)
             finally:
                 runner.close()
-        for cell in sweep.cells:
-            if cell.name not in failures and run_status(directory / cell.name) == "done":
-                track(cell)
         table = write_results(directory)
     outcome = SweepOutcome(directory, table, failures, time.perf_counter() - started)
     console.print(summary_table(sweep, table))
