@@ -36,6 +36,33 @@ if TYPE_CHECKING:
     from fedsim.config import Scenario
 
 Stage = Literal["train", "update", "server"]
+Level = Literal["example", "client"]
+Relation = Literal["add/remove", "replace-one", "zero-out"]
+
+
+@dataclass(frozen=True)
+class PrivacyUnit:
+    """What one reported epsilon protects, so no figure is read without its unit.
+
+    A mechanism is (epsilon, delta)-DP at `level` (one training example of a client, or one
+    whole client) under `relation`: datasets that differ by adding/removing one unit,
+    replacing one unit, or zeroing one unit out (the unit's contribution set to zero, the
+    count unchanged). `metric` names the metric key whose value the guarantee is
+    (a client metric such as "epsilon", or a server-time defense's round metric).
+    `accountant` names the sound accountant that produced it; `not_covered` says in words
+    what leaves the party outside this epsilon (empty when nothing does).
+    """
+
+    level: Level
+    relation: Relation
+    delta: float
+    accountant: str
+    metric: str = "epsilon"
+    not_covered: str = ""
+
+    def label(self) -> str:
+        """A short human label, e.g. 'example-level, add/remove, delta=1e-05 (prv)'."""
+        return f"{self.level}-level, {self.relation}, delta={self.delta:g} ({self.accountant})"
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,10 @@ class Defense(ABC):
 
     def client_mod(self) -> Mod | None:
         """A Flower client mod to run around the client's train handler; default: none."""
+        return None
+
+    def privacy_unit(self) -> PrivacyUnit | None:
+        """The unit of the epsilon this defense reports; None if it reports none (default)."""
         return None
 
 
