@@ -39,6 +39,13 @@ the update C <- C exp(-lr (fraction - target)) was kept, so C shrinks while most
 clipped and the norm collapses. fedsim's wrappers update it as C <- C exp(lr (clipped fraction
 - target_clipped_quantile)), which converges to the norm that clips the target fraction.
 
+They also update the norm before adding the noise, so updates clipped to C_t were noised with
+std z C_{t+1} / m (effective multiplier z C_{t+1} / C_t, set by the noisy count, unbounded
+below). fedsim's wrappers move the norm after the noise: std z C_t / m, the accounted z_d.
+
+The neighbouring relation is client-level zero-out (`privacy_unit`): m is fixed and every
+sampled client must reply, so a neighbour has one client's update (and bit) set to zero.
+
 Flower 1.41's clipping divides by the update's norm (factor min(1, C / ||u||)), so an update
 that is exactly zero (the weights came back unchanged, e.g. under a saturated loss) raises
 ZeroDivisionError mid-run. `tolerating_zero_updates` runs Flower's DP code with that norm as a
@@ -82,7 +89,7 @@ from flwr.supercore import differential_privacy as flower_dp
 from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedsim.defense import ServerTimeDefense
+from fedsim.defense import PrivacyUnit, ServerTimeDefense
 from fedsim.errors import UserError
 from fedsim.registry import DEFENSES
 
@@ -215,6 +222,22 @@ class CentralDp(ServerTimeDefense):
     def client_mod(self) -> Mod | None:
         return self.mod
 
+    def privacy_unit(self) -> PrivacyUnit | None:
+        """Client-level, zero-out: the cohort size m is fixed (every sampled client must
+        reply, and the sum is divided by m), so the neighbour keeps m clients, one of them
+        sending a zero update (sensitivity C of the sum; its clipped bit becomes 0). Reported
+        as the round metric "epsilon" (the server records `central_epsilon`)."""
+        if not self.params.accounting:
+            return None
+        return PrivacyUnit(
+            level="client",
+            relation="zero-out",
+            delta=self.params.delta,
+            accountant="rdp",
+            metric="epsilon",
+            not_covered="the metrics clients send in the clear with their updates",
+        )
+
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """The epsilon of all the aggregates released so far, and the clipping norm."""
         metrics = {"clipping_norm": float(self._strategy.clipping_norm)}
@@ -282,11 +305,21 @@ class AccountedAdaptive:
         """z_eff = (z_d^-2 + sigma_b^-2)^-1/2: the sum (sensitivity C) and the 0/1 count."""
         return (self.noise_multiplier**-2 + self.clipped_count_stddev**-2) ** -0.5
 
+    _pending_fraction: float | None = None
+
     def _geometric_update(self, clipped_fraction: float) -> None:
+        """Flower calls this before it adds the noise; keep the fraction for after it, so the
+        noise std is z * C_t / m with C_t the norm this round's updates were clipped to
+        (Flower's order noises with C_{t+1}: effective multiplier z C_{t+1} / C_t, unbounded)."""
+        self._pending_fraction = clipped_fraction
+
+    def _apply_norm_update(self) -> None:
         """C <- C exp(lr (clipped fraction - target)): grow while too many are clipped."""
-        self.clipping_norm *= math.exp(
-            self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile)
-        )
+        if self._pending_fraction is not None:
+            self.clipping_norm *= math.exp(
+                self.clip_norm_lr * (self._pending_fraction - self.target_clipped_quantile)
+            )
+            self._pending_fraction = None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -299,6 +332,7 @@ class AccountedAdaptive:
             )
         aggregate = tolerating_zero_updates(super().aggregate_train)  # type: ignore[misc]
         arrays, metrics = aggregate(server_round, replies)
+        self._apply_norm_update()
         if arrays is not None and self.accountant is not None:
             self.accountant.compose(
                 GaussianPrivacyEvent(
