@@ -2,8 +2,8 @@
 
 A step is what fedsim's client loop does per batch: forward, loss, backward, optimizer step,
 with DP-SGD applied exactly as in a run (`defenses.dp_sgd.DpSgd.prepare` and its `criterion`
-hook). Batches are fixed-size (`poisson_sampling: false`) so every step sees the same batch
-size; the median over the timed steps is reported, and each DP mode's ratio to the
+hook). Batches are Poisson-sampled, as DP-SGD requires (their size varies around the batch
+size); the median over the timed steps is reported, and each DP mode's ratio to the
 non-private step. One torch thread, as fedsim's clients use by default. On CPU the time is the
 process's CPU time (`time.process_time`), which other processes on a shared machine do not
 inflate; on CUDA it is wall time after a synchronise.
@@ -47,7 +47,7 @@ def step_times(model_name: str, mode: str, args: argparse.Namespace) -> list[flo
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion: nn.Module | object = nn.CrossEntropyLoss()
     if mode != "none":
-        defense = DpSgd(DpSgd.Params(grad_sample_mode=mode, poisson_sampling=False))
+        defense = DpSgd(DpSgd.Params(grad_sample_mode=mode))
         training = LocalTraining(total, args.batch, 1, None, 1, 1, 0)
         model, optimizer, loader = defense.prepare(model, optimizer, loader, training, {})
         criterion = defense.criterion(criterion)

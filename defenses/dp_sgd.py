@@ -31,22 +31,24 @@ model every party builds, so the server, the clients and the attacks agree on th
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import ExitStack
 from typing import Any, Literal
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedsim.defense import LocalTraining, TrainTimeDefense
+from fedsim.defense import LocalTraining, PrivacyUnit, TrainTimeDefense
 from fedsim.errors import UserError
 from fedsim.registry import DEFENSES
 
@@ -75,11 +77,13 @@ class DpSgd(TrainTimeDefense):
         )
         max_grad_norm: float = Field(1.0, gt=0, description="per-example gradient norm bound C")
         delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported epsilon")
-        accountant: Literal["rdp", "prv", "gdp"] = Field("rdp", description="Opacus accountant")
+        accountant: Literal["prv", "rdp"] = Field(
+            "prv",
+            description="Opacus accountant: prv (tight upper bound, within ~1% of PLD) or rdp "
+            "(looser, up to ~2x)",
+        )
         poisson_sampling: bool = Field(
-            True,
-            description="Poisson-sampled batches, as the accountant assumes (False: the "
-            "loader's own batches, an approximation)",
+            True, description="Poisson-sampled batches, the only sampling the accountant analyses"
         )
         grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field(
             "hooks",
@@ -101,6 +105,26 @@ class DpSgd(TrainTimeDefense):
             False, description="cryptographically secure noise (needs torchcsprng)"
         )
 
+        @field_validator("accountant", mode="before")
+        @classmethod
+        def _no_gdp(cls, value: Any) -> Any:
+            if value == "gdp":
+                raise ValueError(
+                    "gdp is not offered: Opacus's GDP accountant is a CLT approximation that "
+                    "can under-report epsilon by 12-60%; use prv (the default) or rdp"
+                )
+            return value
+
+        @field_validator("poisson_sampling")
+        @classmethod
+        def _poisson_only(cls, value: bool) -> bool:
+            if not value:
+                raise ValueError(
+                    "poisson_sampling: false is refused: the epsilon is proven only for "
+                    "Poisson-sampled batches; set poisson_sampling: true"
+                )
+            return value
+
         @model_validator(mode="after")
         def _one_noise_source(self) -> DpSgd.Params:
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -114,6 +138,14 @@ class DpSgd(TrainTimeDefense):
     _model: AbstractGradSampleModule | None = None
     _optimizer: torch.optim.Optimizer | None = None
     _memory: ExitStack | None = None
+
+    def privacy_unit(self) -> PrivacyUnit:
+        """One example of a client, add/remove: Opacus's accountants analyse the Poisson-
+        subsampled Gaussian under adding or removing one example. The epsilon's sample rate
+        is 1 / (batches per epoch), a function of the client's example count n."""
+        p = self.params
+        not_covered = "n through the batch count ceil(n / batch_size) behind epsilon's sample rate"
+        return PrivacyUnit("example", "add/remove", p.delta, p.accountant, "epsilon", not_covered)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """With `fix_modules`, Opacus's fix of the model (BatchNorm -> GroupNorm), said once."""
@@ -146,7 +178,10 @@ class DpSgd(TrainTimeDefense):
         """Wrap for DP-SGD, continuing the accountant history kept in `state`."""
         _refuse_unsupported_layers(model)
         p = self.params
-        sample_rate = 1 / len(loader)  # what Opacus's accountant records for this loader
+        # Opacus's DPDataLoader samples each example with probability 1 / len(loader) and its
+        # accountant records that same rate, so the accounted rate is the one really used.
+        sample_rate = 1 / len(loader)
+        _warn_large_delta(p.delta, len(loader.dataset))
         try:
             engine = PrivacyEngine(accountant=p.accountant, secure_mode=p.secure_mode)
         except ImportError as err:
@@ -166,7 +201,7 @@ class DpSgd(TrainTimeDefense):
             data_loader=loader,
             noise_multiplier=self._noise_multiplier(sample_rate, len(loader), training),
             max_grad_norm=p.max_grad_norm,
-            poisson_sampling=p.poisson_sampling,
+            poisson_sampling=True,
             grad_sample_mode=p.grad_sample_mode,
             noise_generator=None if p.secure_mode else _noise_generator(loader, probe.device),
         )
@@ -195,12 +230,12 @@ class DpSgd(TrainTimeDefense):
 
     def finish(self, state: dict[str, Any]) -> dict[str, float]:
         """Store the accountant history in `state`, detach Opacus, report the epsilon so far."""
-        accountant = self._engine.accountant
-        state[HISTORY_KEY] = [list(entry) for entry in accountant.history]
+        history = [list(entry) for entry in self._engine.accountant.history]
+        state[HISTORY_KEY] = history
         self._memory.close()
         self._model.cleanup()  # removes Opacus's hooks, so the plain model can be wrapped again
         self._engine = self._model = self._optimizer = self._memory = None
-        return {"epsilon": float(accountant.get_epsilon(delta=self.params.delta))}
+        return {"epsilon": history_epsilon(history, self.params.accountant, self.params.delta)}
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model._module if isinstance(model, AbstractGradSampleModule) else model
@@ -223,6 +258,37 @@ class DpSgd(TrainTimeDefense):
             sample_rate=sample_rate,
             steps=training.total_rounds * steps_per_round,
             accountant=p.accountant,
+        )
+
+
+def history_epsilon(history: list[list[float]], accountant: str, delta: float) -> float:
+    """The epsilon of an accountant history (`[noise_multiplier, sample_rate, steps]` entries).
+
+    PRV's `get_epsilon` returns the upper end of its error interval (eps_error 0.01), so both
+    choices are upper bounds on the true epsilon.
+    """
+    if not history:
+        return 0.0
+    if any(noise_multiplier == 0 for noise_multiplier, _, _ in history):
+        return math.inf  # clipping only: no epsilon (PRV cannot even represent the case)
+    engine_accountant = create_accountant(accountant)
+    engine_accountant.history = [tuple(entry) for entry in history]
+    return float(engine_accountant.get_epsilon(delta=delta))
+
+
+_warned_deltas: set[tuple[float, int]] = set()
+
+
+def _warn_large_delta(delta: float, examples: int) -> None:
+    """Warn, once per (delta, n), when delta >= 1/n: such a delta allows leaking one example."""
+    if delta >= 1 / examples and (delta, examples) not in _warned_deltas:
+        _warned_deltas.add((delta, examples))
+        log.warning(
+            "dp_sgd.delta: %g >= 1/n for a client with n = %d training examples, so the "
+            "guarantee allows releasing an example outright; set delta below %g",
+            delta,
+            examples,
+            1 / examples,
         )
 
 
@@ -255,11 +321,10 @@ def _refuse_unsupported_layers(model: nn.Module, shown: int = 3) -> None:
 
 
 def _noise_generator(loader: DataLoader, device: torch.device) -> torch.Generator | None:
-    """A noise stream as reproducible as the batches: seeded by a draw from the loader's RNG.
-
-    Not from `LocalTraining.seed`: that is the scenario's seed, the same for every client and
-    round, and noise repeated across updates cancels in their differences. A loader without a
-    generator gets None (Opacus then draws from the global RNG).
+    """A noise stream as reproducible, and as secret, as the batches: seeded by a draw from
+    the loader's RNG, which the client seeds from its node secret (see `fedsim.seeding`), so
+    the server can neither replay the noise nor see it repeat across clients and rounds. A
+    loader without a generator gets None (Opacus then draws from the global RNG).
     """
     if loader.generator is None:
         return None
