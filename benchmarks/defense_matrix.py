@@ -3,9 +3,8 @@ print one table: defense, parameter, test accuracy, epsilon (where defined), PSN
 accuracy per attack.
 
 Every number is read back from the cells' run directories (summary.json). The epsilon column
-is the privacy spent after the last round, in the unit the defense protects: per example
-for DP-SGD (the largest client's), per client for local DP (the largest client's) and for
-central DP (the released model's).
+is the privacy spent after the last round, and the unit column says what it protects, as the
+defense states it (`fedsim.privacy`): level, relation, delta, accountant.
 
     python benchmarks/defense_matrix.py                          # run (or resume) and print
     python benchmarks/defense_matrix.py --docs docs/defenses.md  # ... and update the docs table
@@ -22,16 +21,12 @@ from typing import Any
 
 from rich.console import Console
 
+from fedsim.privacy import by_kind
 from fedsim.results import read_json
 from fedsim.sweep import run_sweep
 from fedsim.sweep_spec import load_sweep
 
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "scenarios" / "defense_matrix.yaml"
-EPSILON_UNITS = {  # summary.json privacy key -> the unit it protects
-    "max_client_epsilon": "example",
-    "max_client_local_dp_epsilon": "client (local)",
-    "central_epsilon": "client (central)",
-}
 DOCS_BEGIN, DOCS_END = "<!-- defense-matrix:begin -->", "<!-- defense-matrix:end -->"
 
 
@@ -58,14 +53,13 @@ def matrix_rows(table: Any, attacks: list[str]) -> list[list[str]]:
             rows.append([name, params, cell["status"], "", "", *[""] * (2 * len(attacks))])
             continue
         summary = read_json(Path(cell["run_dir"]) / "summary.json")
-        privacy = summary["privacy"]
-        key = next((k for k in EPSILON_UNITS if k in privacy), None)
+        kinds = by_kind(summary["privacy"]).values()  # one epsilon per kind, with its unit
         row = [
             name,
             params,
             number(summary["training"]["final_test_accuracy"], 3),
-            number(privacy.get(key), 2) if key else "",
-            EPSILON_UNITS.get(key, ""),
+            " / ".join(number(epsilon, 2) for epsilon, _ in kinds),
+            " / ".join(unit for _, unit in kinds),
         ]
         for attack in attacks:
             scores = summary["attacks"].get(attack, {})

@@ -98,7 +98,7 @@ def main() -> None:
 
     run = RunDirectory(args.run_dir).require()
     scenario = load_run_scenario(run)
-    data = federated_data(scenario.data, scenario.seed)
+    data = federated_data(scenario.data, scenario.public().seed)  # the clients' partitions
     observations = load_observations(run.root)
     targets: list[GradientTarget] = [gradient_target(o, scenario, data) for o in observations]
     truths = [ground_truth(run, o, data) for o in observations]

@@ -31,7 +31,7 @@ def cell_accuracy(run_dir: Path) -> dict[str, float]:
     """Mean label accuracy over the run's observations, per label scale."""
     run = RunDirectory(run_dir)
     scenario = load_run_scenario(run)
-    data = federated_data(scenario.data, scenario.seed)
+    data = federated_data(scenario.data, scenario.public().seed)  # the clients' partitions
     scores: dict[str, list[float]] = {scale: [] for scale in SCALES}
     for observation in load_observations(run.root):
         target = gradient_target(observation, scenario, data)

@@ -7,7 +7,7 @@ Runs every cell of the sweep (every defense setting at every seed in its `seeds`
 a finished cell is not recomputed) one after the other in this process, then writes into the
 sweep directory
 
-    mid_vs_dp.csv   one row per cell: defense, target test accuracy, epsilon, per attack
+    mid_vs_dp.csv   one row per cell: defense, target test accuracy, epsilon_example, per attack
                     top-1 / top-5 attack accuracy and KNN distance
     mid_vs_dp.md    the same, averaged over seeds (mean and standard deviation)
     mid_vs_dp.png   target test accuracy against attack accuracy (top) and KNN distance
@@ -40,6 +40,7 @@ from rich.console import Console
 from fedsim.config import PluginSpec, Scenario, build_scenario
 from fedsim.data import federated_data
 from fedsim.model_leakage import CACHE
+from fedsim.privacy import by_kind
 from fedsim.results import RunDirectory, atomic_write_bytes, read_json
 from fedsim.runner import attack_run, run_scenario, write_summary
 from fedsim.sweep_spec import Cell, load_sweep
@@ -105,7 +106,8 @@ def row(cell: Cell, run_dir: Path) -> dict[str, Any]:
         "defense": label,
         "strength": strength,
         "target_test_accuracy": summary["training"]["final_test_accuracy"],
-        "epsilon": summary["privacy"].get("max_client_epsilon"),
+        # DP-SGD's example-level epsilon (its unit is in summary.json's privacy entry)
+        "epsilon_example": by_kind(summary["privacy"]).get("example", (None, ""))[0],
     }
     attacks = dict(sorted(summary["attacks"].items()))
     for attack, scores in attacks.items():

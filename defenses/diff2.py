@@ -3,21 +3,22 @@
 Every round each client releases one Gaussian mechanism over its n examples z_1..z_n:
 
 - a gradient release (DP-GD every round; DIFF2 every `refresh_every` rounds):
-      g = ( sum_i clip_C1(grad l(x_t; z_i)) + N(0, (sigma_g C1)^2 I) ) / n
+      g = ( sum_i clip_C1(grad l(x_t; z_i)) + N(0, (2 sigma_g C1)^2 I) ) / n
 - a difference release (DIFF2 in the other rounds), from the last two global models:
-      d = ( sum_i clip_C2(grad l(x_t; z_i) - grad l(x_{t-1}; z_i)) + N(0, (sigma_d C2)^2 I) ) / n
+      d = ( sum_i clip_C2(grad l(x_t; z_i) - grad l(x_{t-1}; z_i)) + N(0, (2 sigma_d C2)^2 I) ) / n
 
 where l is the task's loss (cross-entropy; squared error for regression) and
-clip_C(u) = u * min(1, C / ||u||) on the whole flattened per-example gradient. The
-server averages the releases by example count and keeps the global gradient estimator
+clip_C(u) = u * min(1, C / ||u||) on the whole flattened per-example gradient. Clients send
+no example count (`num-examples` is 1), so the server averages the releases uniformly and keeps
+the global gradient estimator
 
       v_t = mean_k g_k                 (refresh rounds)
       v_t = v_{t-1} + mean_k d_k       (other rounds)
       x_{t+1} = x_t - lr * v_t
 
-Privacy (sample-level, per client, against the server and everyone after it): adding or
-removing one example moves a clipped sum by at most its bound C, and the noise std is sigma*C,
-so each release is a Gaussian mechanism of noise multiplier sigma_g or sigma_d, of Renyi DP
+Privacy (sample-level, replace-one, per client, against the server and everyone after it):
+replacing one example moves a clipped sum by at most 2C, and the noise std is sigma*2C, so
+each release (divided by the client's n, fixed between such neighbours) is a Gaussian mechanism of noise multiplier sigma_g or sigma_d, of Renyi DP
 alpha / (2 sigma^2) at every order alpha. R rounds of DP-GD at `noise_multiplier` sigma cost
 alpha R / (2 sigma^2). DIFF2 makes N_g = ceil(R/T) gradient and N_d = R - N_g difference
 releases and gives a `refresh_share` s of that same budget to the gradients:
@@ -64,10 +65,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.client import SCENARIO_KEY, app, client_setup, partition_id
+from fedsim.client import SCENARIO_KEY, app, client_setup, dp_reply_metrics, partition_id
 from fedsim.data import TensorData
+from fedsim.defense import PrivacyUnit
 from fedsim.registry import STRATEGIES
-from fedsim.seeding import torch_generator
+from fedsim.seeding import node_secret, torch_generator
 from fedsim.strategies import TAKE_ALL_NODES
 from fedsim.training import task_criterion
 
@@ -188,6 +190,15 @@ def per_example_gradients(
     return torch.cat([grads[name].reshape(len(x), -1) for name in weights], dim=1)
 
 
+def sensitivity(bound: float) -> float:
+    """L2 sensitivity of a clipped sum under replace-one: one row swapped moves it by <= 2C.
+
+    Replace-one keeps n fixed, so dividing by the exact n is post-processing; under
+    add/remove, n itself would differ between neighbours and 1/n would leak it.
+    """
+    return 2 * bound
+
+
 def clipped_sum(vectors: Tensor, bound: float) -> Tensor:
     """sum_i v_i * min(1, bound / ||v_i||): each row's contribution is at most `bound`."""
     norms = vectors.norm(dim=1, keepdim=True)
@@ -205,7 +216,7 @@ def private_release(
     chunk_size: int,
 ) -> Tensor:
     """(clipped sum of per-example gradients at `current`, minus those at `previous` if given,
-    plus N(0, (sigma*bound)^2 I)) / n, flattened in `current`'s parameter order."""
+    plus N(0, (sigma * 2 bound)^2 I)) / n, flattened in `current`'s parameter order."""
     model.eval()
     criterion = task_criterion(data)
     total = torch.zeros(sum(w.numel() for w in current.values()))
@@ -215,7 +226,7 @@ def private_release(
         if previous is not None:
             grads = grads - per_example_gradients(model, previous, x, y, criterion)
         total += clipped_sum(grads.detach(), bound)
-    noise = torch.normal(0.0, sigma * bound, size=total.shape, generator=generator)
+    noise = torch.normal(0.0, sigma * sensitivity(bound), size=total.shape, generator=generator)
     return (total + noise) / len(data)
 
 
@@ -245,7 +256,7 @@ def release(message: Message, context: Context) -> Message:
         previous,
         params.clip if kind == "gradient" else params.difference_clip,
         noise[kind],
-        torch_generator(scenario.seed, "diff2-noise", server_round, pid),
+        torch_generator(node_secret(context), "diff2-noise", server_round),
         params.chunk_size,
     )
     made = context.state.get(RELEASES_STATE, ConfigRecord({"gradient": 0, "difference": 0}))
@@ -255,11 +266,15 @@ def release(message: Message, context: Context) -> Message:
     shapes = {name: p.shape for name, p in model.named_parameters()}
     pieces = torch.split(flat, [shape.numel() for shape in shapes.values()])
     arrays = ArrayRecord({n: Array(p.reshape(shapes[n]).numpy()) for n, p in zip(names, pieces, strict=True)})
-    metrics = {
-        "num-examples": len(train_data),
-        "partition-id": pid,
-        "epsilon": epsilon_after(releases, noise, params.delta),
-    }
+    metrics = dp_reply_metrics(
+        {
+            "num-examples": len(train_data),
+            "partition-id": pid,
+            "epsilon": epsilon_after(releases, noise, params.delta),
+        },
+        frozenset({"epsilon"}),
+        scenario.training.clear_text_metrics,
+    )
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
@@ -270,13 +285,18 @@ class PrivateGradientDescent(FedAvg):
     difference round, the previous one (`previous-arrays`), so clients keep no model state.
     """
 
-    def __init__(self, lr: float, refresh_every: int) -> None:
+    def __init__(self, lr: float, refresh_every: int, delta: float) -> None:
         super().__init__(**TAKE_ALL_NODES)
         self.lr = lr
+        self.delta = delta
         self.refresh_every = refresh_every
         self.estimate: dict[str, np.ndarray] = {}
         self.current: ArrayRecord | None = None
         self.previous: ArrayRecord | None = None
+
+    def privacy_unit(self) -> PrivacyUnit:
+        """Each client's epsilon: one example, replace-one (noise calibrated to 2C, n fixed)."""
+        return PrivacyUnit("example", "replace-one", self.delta, "rdp", "epsilon")
 
     def release_kind(self, server_round: int) -> Release:
         """A full gradient every `refresh_every` rounds from round 1, differences in between."""
@@ -327,7 +347,7 @@ class DpGd:
 
     @classmethod
     def build(cls, params: DpGdParams) -> PrivateGradientDescent:
-        return PrivateGradientDescent(params.lr, params.refresh)
+        return PrivateGradientDescent(params.lr, params.refresh, params.delta)
 
 
 @STRATEGIES.register("diff2")

@@ -28,7 +28,7 @@ from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.central_dp import tolerating_zero_updates
-from fedsim.defense import Defense, Stage
+from fedsim.defense import Defense, PrivacyUnit, Stage
 from fedsim.registry import DEFENSES
 
 RELEASES_KEY = "fedsim.local_dp"
@@ -60,6 +60,15 @@ class LocalDp(Defense):
     def noise_std(self) -> float:
         p = self.params
         return self.sensitivity * math.sqrt(2 * math.log(1.25 / p.delta)) / p.epsilon
+
+    def privacy_unit(self) -> PrivacyUnit:
+        """The client's whole update in one round, replace-one: local DP holds for any two
+        inputs, which the sensitivity 2C of a clipped update bounds (a smaller `sensitivity`
+        does not: say so)."""
+        p = self.params
+        short = self.sensitivity < 2 * p.clipping_norm
+        not_covered = f"two updates further apart than sensitivity {self.sensitivity:g} < 2C" if short else ""
+        return PrivacyUnit("client", "replace-one", p.delta, "rdp", "local_dp_epsilon", not_covered)
 
     def composed_epsilon(self, releases: int) -> float:
         """RDP epsilon of `releases` Gaussian releases with z = noise_std / sensitivity."""

@@ -3,7 +3,9 @@
 Every train message carries the resolved scenario (`fedsim.scenario`, YAML text) next to the
 hyper-parameters, so a client needs nothing but the message: it runs the same under fedsim's
 inline engine, Flower's Ray simulation, a Ray cluster and `flwr run`. The client's partition
-is `node_config["partition-id"]`, as Flower's simulation assigns it.
+is `node_config["partition-id"]`, as Flower's simulation assigns it. The scenario a message
+carries holds only the public seed; every client-side random draw comes from the node's
+secret instead (`fedsim-secret` in the node config, see `fedsim.seeding`).
 
 Replies carry one simulation-only record, `fedsim.truth` (the indices of the examples the
 client trained on, in order). The server's observer strips it from every reply before the
@@ -28,6 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from fedsim.config import Scenario, build_scenario
 from fedsim.data import FederatedData, federated_data
 from fedsim.defense import (
+    Defense,
     LocalTraining,
     TrainTimeDefense,
     UpdateTimeDefense,
@@ -37,7 +40,7 @@ from fedsim.device import resolve_device, set_threads
 from fedsim.models import federated_model
 from fedsim.registry import load_plugins
 from fedsim.secure_aggregation import secaggplus_when_requested
-from fedsim.seeding import numpy_global_seed, torch_generator
+from fedsim.seeding import derive_seed, node_secret, numpy_global_seed, torch_generator
 from fedsim.training import LocalHyperParams, evaluate, train_locally
 
 SCENARIO_KEY = "fedsim.scenario"
@@ -64,6 +67,8 @@ class ClientSetup:
     train_defenses: list[TrainTimeDefense]
     update_defenses: list[UpdateTimeDefense]
     client_mods: list[Mod]
+    accounted_metrics: frozenset[str] | None
+    """The metric keys a client-side DP epsilon covers; None when no such defense runs."""
 
     def new_model(self) -> torch.nn.Module:
         return federated_model(self.scenario, self.data.input_shape, self.data.num_classes)
@@ -81,7 +86,37 @@ def client_setup(scenario_yaml: str) -> ClientSetup:
         train_defenses=[d for d in defenses if isinstance(d, TrainTimeDefense)],
         update_defenses=[d for d in defenses if isinstance(d, UpdateTimeDefense)],
         client_mods=[mod for d in defenses if (mod := d.client_mod()) is not None],
+        accounted_metrics=_client_side_dp_metrics(defenses),
     )
+
+
+def _client_side_dp_metrics(defenses: list[Defense]) -> frozenset[str] | None:
+    """The epsilon keys of the client-side DP defenses (train/update time: dp_sgd, local_dp);
+    None if there is none. Server-time defenses (central DP) trust the server with metrics."""
+    units = [u for d in defenses if d.stage != "server" and (u := d.privacy_unit()) is not None]
+    return frozenset(u.metric for u in units) if units else None
+
+
+PUBLIC_METRICS = frozenset({"unit-weight", "partition-id", "local-steps"})
+"""Bookkeeping a reply may carry under DP: fixed by the server's plan, not by the data."""
+
+
+def dp_reply_metrics(
+    metrics: dict[str, Any], accounted: frozenset[str] | None, clear_text: bool
+) -> dict[str, Any]:
+    """What a client may send beside its private release.
+
+    Under client-side DP (`accounted` not None) only the accounted epsilons and public
+    bookkeeping leave: the mean loss of a private batch (train-loss), a defense's batch
+    statistic (mid_kl) and the true example count (which tells add/remove neighbours apart)
+    are outside every epsilon, so they are dropped and `num-examples` becomes 1 (FedAvg then
+    weighs clients uniformly). `training.clear_text_metrics` keeps them; the privacy record
+    then says the epsilon does not cover them (`PrivacyUnit.with_clear_text_metrics`).
+    """
+    if accounted is None or clear_text:
+        return metrics
+    kept = {k: v for k, v in metrics.items() if k in accounted or k in PUBLIC_METRICS}
+    return {**kept, "num-examples": 1}
 
 
 def partition_id(context: Context) -> int:
@@ -113,16 +148,17 @@ def identify(message: Message, context: Context) -> Message:
 def defense_mods(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run the Flower client mods of the scenario's defenses around training (none: just train).
 
-    Flower's mods draw their noise from numpy's global generator: it is seeded per scenario,
-    round and client for the call and restored afterwards, so runs repeat and the server's
-    own stream (same process under the inline engine) is untouched.
+    Flower's mods draw their noise from numpy's global generator: it is seeded from the node's
+    secret and the round for the call and restored afterwards, so runs repeat, the server
+    cannot replay the noise, and its own stream (same process under the inline engine) is
+    untouched.
     """
     config = message.content["config"]
     setup = client_setup(str(config[SCENARIO_KEY]))
     if not setup.client_mods:
         return call_next(message, context)
     server_round = int(config["server-round"])
-    with numpy_global_seed(setup.scenario.seed, "client-mods", server_round, partition_id(context)):
+    with numpy_global_seed(node_secret(context), "client-mods", server_round):
         return make_ffn(call_next, setup.client_mods)(message, context)
 
 
@@ -131,7 +167,7 @@ def defense_mods(message: Message, context: Context, call_next: ClientAppCallabl
 def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     setup = client_setup(str(config[SCENARIO_KEY]))
-    scenario, pid = setup.scenario, partition_id(context)
+    scenario, pid, secret = setup.scenario, partition_id(context), node_secret(context)
     server_round = int(config["server-round"])
     train_data, _ = setup.data.client(pid)
 
@@ -146,7 +182,7 @@ def train(message: Message, context: Context) -> Message:
         local_steps=hp.local_steps or None,
         total_rounds=scenario.federation.rounds,
         server_round=server_round,
-        seed=scenario.seed,
+        seed=derive_seed(secret, "train-defense", server_round),
     )
     states = [_defense_state(context, i) for i in range(len(setup.train_defenses))]
     result = train_locally(
@@ -154,7 +190,7 @@ def train(message: Message, context: Context) -> Message:
         train_data,
         hp,
         training,
-        generator=torch_generator(scenario.seed, "batches", server_round, pid),
+        generator=torch_generator(secret, "batches", server_round),  # secret: see fedsim.seeding
         defenses=setup.train_defenses,
         states=states,
         device=setup.device,
@@ -164,7 +200,7 @@ def train(message: Message, context: Context) -> Message:
     for defense in setup.train_defenses:
         model = defense.unwrap(model)
 
-    sent = defended_weights(setup, model, global_state, server_round, pid)
+    sent = defended_weights(setup, model, global_state, secret, server_round)
     metrics = {
         "num-examples": result.num_examples,
         "unit-weight": 1,  # for strategies that weigh clients equally (client-level DP)
@@ -173,6 +209,9 @@ def train(message: Message, context: Context) -> Message:
         "local-steps": result.steps,
         **result.metrics,
     }
+    metrics = dp_reply_metrics(
+        metrics, setup.accounted_metrics, scenario.training.clear_text_metrics
+    )
     content = RecordDict(
         {
             "arrays": ArrayRecord(sent),
@@ -187,8 +226,8 @@ def defended_weights(
     setup: ClientSetup,
     model: torch.nn.Module,
     global_state: dict[str, torch.Tensor],
+    secret: int,
     server_round: int,
-    pid: int,
 ) -> dict[str, torch.Tensor]:
     """Global weights plus the update after every update-time defense has transformed it."""
     local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -196,7 +235,7 @@ def defended_weights(
         return local
     # in the model's own tensor order: the defenses draw their noise tensor by tensor
     update = {k: v - global_state[k] for k, v in local.items() if v.is_floating_point()}
-    generator = torch_generator(setup.scenario.seed, "update-defense", server_round, pid)
+    generator = torch_generator(secret, "update-defense", server_round)
     for defense in setup.update_defenses:
         update = defense.transform(update, generator)
     return {k: global_state[k] + update[k] if k in update else v for k, v in local.items()}

@@ -37,6 +37,7 @@ from fedsim.registry import (
     STRATEGIES,
     Registry,
 )
+from fedsim.seeding import public_seed
 
 
 class Section(BaseModel):
@@ -131,6 +132,12 @@ class TrainingConfig(Section):
     lr: float = Field(0.05, gt=0, description="local learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    clear_text_metrics: bool = Field(
+        False,
+        description="under a client-side DP defense (dp_sgd, local_dp, dp_gd, diff2), still send "
+        "train-loss, defense statistics (mid_kl) and the true num-examples; the epsilon then "
+        "does not cover them (the privacy record says so)",
+    )
 
 
 class FederationConfig(Section):
@@ -185,7 +192,9 @@ class Scenario(Section):
 
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9_.-]+$", description="run family name")
     description: str = Field("", description="free text, shown in reports")
-    seed: int = Field(0, ge=0, description="derives every other seed")
+    seed: int = Field(
+        0, ge=0, description="derives every other seed; keeps client noise secret only if unguessable"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSpec = Field("mlp", description="registered model and its params")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -236,6 +245,11 @@ class Scenario(Section):
         rounds, clients = self.observer.rounds, self.observer.clients
         round_ok = rounds == "all" or (isinstance(rounds, list) and server_round in rounds)
         return round_ok and (clients == "all" or client in clients)
+
+    def public(self) -> Scenario:
+        """The scenario as the federation sees it: the seed replaced by its one-way public
+        seed, which the server and every message may hold (see `fedsim.seeding`)."""
+        return self.model_copy(update={"seed": public_seed(self.seed)})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

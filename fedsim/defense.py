@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -64,6 +64,11 @@ class PrivacyUnit:
         """A short human label, e.g. 'example-level, add/remove, delta=1e-05 (prv)'."""
         return f"{self.level}-level, {self.relation}, delta={self.delta:g} ({self.accountant})"
 
+    def with_clear_text_metrics(self) -> PrivacyUnit:
+        """This unit when `training.clear_text_metrics` sends the client's plain metrics too."""
+        sent = "train-loss, defense statistics (mid_kl) and num-examples, sent in clear"
+        return replace(self, not_covered="; ".join(filter(None, [self.not_covered, sent])))
+
 
 @dataclass(frozen=True)
 class LocalTraining:
@@ -75,7 +80,7 @@ class LocalTraining:
     local_steps: int | None
     total_rounds: int
     server_round: int
-    seed: int
+    seed: int  # private to this client and round (from the node's secret)
 
 
 class Defense(ABC):

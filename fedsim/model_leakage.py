@@ -92,7 +92,7 @@ def attack_model(
     run: RunDirectory, scenario: Scenario, spec: PluginSpec, attack: Attack, console: Console
 ) -> None:
     """Run a model-inversion attack on every target class not yet scored, and score it."""
-    data = federated_data(scenario.data, scenario.seed)
+    data = federated_data(scenario.data, scenario.public().seed)  # as the federation held it
     target = model_target(run, scenario, data)
     out_dir = run.attacks_dir / spec.name
     params = spec.model_dump(mode="json")

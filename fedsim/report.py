@@ -1,6 +1,7 @@
 """`fedsim report DIR`: one HTML file (self-contained) and one Markdown file per sweep or run.
 
-A sweep report has the mean ± std over seeds of every setting, accuracy against epsilon,
+A sweep report has the mean ± std over seeds of every setting, accuracy against epsilon
+(one panel per kind of guarantee: example-level, client-level, local; see `fedsim.privacy`),
 utility and leakage against each swept field (the defense strength), the utility-leakage
 Pareto frontier per attack, the table of all cells, and reconstruction image grids per cell.
 A single run's report has its accuracy and epsilon per round, its leakage per attacked
@@ -182,7 +183,10 @@ def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
     ]
     accuracy = figures.accuracy_vs_epsilon(summary, axes)
     if accuracy is not None:
-        blocks += [Heading("Accuracy against epsilon"), figure("accuracy_vs_epsilon", *accuracy)]
+        blocks += [
+            Heading("Accuracy against epsilon, per kind of guarantee"),
+            figure("accuracy_vs_epsilon", *accuracy),
+        ]
     blocks.append(Heading("Utility and leakage against defense strength"))
     short = short_names(axes)
     for axis in axes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fedsim.sweep_spec import short_names
-from fedsim.sweep_table import LEAKAGE, MODEL_LEAKAGE
+from fedsim.sweep_table import LEAKAGE, MODEL_LEAKAGE, PRIVACY
 
 LEAKAGE_LABELS = {
     "psnr": "PSNR (dB)",
@@ -90,36 +91,48 @@ def errorbar(
 
 
 def accuracy_vs_epsilon(summary: pd.DataFrame, axes: Sequence[str]) -> tuple[Figure, str] | None:
-    """Final test accuracy against epsilon (log scale); None without any finite epsilon."""
-    if "epsilon" not in summary:
+    """Final test accuracy against epsilon (log scale), one panel per kind of guarantee.
+
+    Example-level and client-level epsilons measure different things, so they never share
+    an axis; each x label names its unit (level, relation, delta, accountant, defense).
+    None without any finite epsilon.
+    """
+    kinds = [
+        c for c in PRIVACY if c in summary and np.isfinite(summary[c].astype(float)).any()
+    ]
+    if not kinds:
         return None
-    finite = summary[np.isfinite(summary["epsilon"])]
-    if finite.empty:
-        return None
-    figure = Figure(figsize=(6.5, 4.0))
-    axis = figure.subplots()
-    errorbar(
-        axis, finite["epsilon"], ACCURACY, finite, xerr=finite["epsilon_std"], linestyle="none"
-    )
-    for label, (_, row) in zip(combination_labels(finite, axes), finite.iterrows()):
-        axis.annotate(
-            label,
-            (row["epsilon"], row[ACCURACY]),
-            textcoords="offset points",
-            xytext=(5, 5),
-            fontsize=7,
+    figure = Figure(figsize=(6.5 * len(kinds), 4.4))
+    plots = np.atleast_1d(figure.subplots(1, len(kinds)))
+    left_out = []
+    for axis, column in zip(plots, kinds):
+        finite = summary[np.isfinite(summary[column].astype(float))]
+        errorbar(
+            axis, finite[column], ACCURACY, finite, xerr=finite[f"{column}_std"], linestyle="none"
         )
-    axis.set_xscale("log")
-    axis.set_xlabel("epsilon (at the defense's delta; largest over clients)")
-    axis.set_ylabel("final test accuracy")
-    axis.grid(alpha=0.3)
-    left_out = len(summary) - len(finite)
-    caption = "Mean ± std over seeds." + (
-        f" {left_out} setting(s) with infinite epsilon (no noise) are not shown."
-        if left_out
-        else ""
+        for label, (_, row) in zip(combination_labels(finite, axes), finite.iterrows()):
+            axis.annotate(
+                label, (row[column], row[ACCURACY]), textcoords="offset points", xytext=(5, 5), fontsize=7
+            )
+        axis.set_xscale("log")
+        axis.set_xlabel(epsilon_label(finite, column), fontsize=8)
+        axis.set_ylabel("final test accuracy")
+        axis.set_title(f"accuracy vs {column.removeprefix('epsilon_')}-kind epsilon")
+        axis.grid(alpha=0.3)
+        if infinite := int(np.isinf(summary[column].astype(float)).sum()):
+            left_out.append(f"{infinite} with infinite {column}")
+    figure.tight_layout()
+    caption = "Mean ± std over seeds; one panel per kind of guarantee." + (
+        f" Not shown (no noise): {', '.join(left_out)}." if left_out else ""
     )
     return figure, caption
+
+
+def epsilon_label(summary: pd.DataFrame, column: str) -> str:
+    """'epsilon (example-level, add/remove, delta=1e-05 (prv), dp_sgd)', wrapped to fit."""
+    units = sorted({u for u in summary.get(f"{column}_unit", []) if isinstance(u, str) and u})
+    text = f"epsilon ({'; '.join(units) or 'unit not recorded'})"
+    return "\n".join(textwrap.wrap(text, 70))
 
 
 def strength_positions(values: pd.Series) -> tuple[pd.Series, list[str] | None]:
@@ -232,16 +245,23 @@ def pareto(summary: pd.DataFrame, axes: Sequence[str]) -> Figure | None:
 
 
 def rounds_figure(metrics: pd.DataFrame) -> Figure:
-    """A single run: test accuracy per round, and epsilon per round when there is one."""
-    privacy = [c for c in ("max_client_epsilon", "central_epsilon") if c in metrics]
-    figure = Figure(figsize=(5.0 * (1 + bool(privacy)), 3.6))
-    plots = np.atleast_1d(figure.subplots(1, 1 + bool(privacy)))
+    """A single run: test accuracy per round, and one panel of epsilon per round for each
+    kind of guarantee (from the records' `privacy` entries), labelled with its unit."""
+    entries = metrics["privacy"].iloc[-1] if "privacy" in metrics else []
+    kinds: dict[str, list[dict]] = {}
+    for entry in entries:
+        kinds.setdefault(entry["kind"], []).append(entry)
+    figure = Figure(figsize=(5.0 * (1 + len(kinds)), 3.8))
+    plots = np.atleast_1d(figure.subplots(1, 1 + len(kinds)))
     plots[0].plot(metrics["round"], metrics["test_accuracy"], marker=".")
     plots[0].set(xlabel="round", ylabel="test accuracy", title="test accuracy")
-    for column in privacy:
-        plots[1].plot(metrics["round"], metrics[column], marker=".", label=column.replace("_", " "))
-        plots[1].set(xlabel="round", ylabel="epsilon", title="privacy spent")
-        plots[1].legend(fontsize=7)
+    for plot, (kind, same_kind) in zip(plots[1:], kinds.items()):
+        for entry in same_kind:
+            plot.plot(metrics["round"], metrics[entry["key"]], marker=".", label=entry["key"])
+        units = "; ".join(entry["unit"] for entry in same_kind)
+        plot.set_ylabel("\n".join(textwrap.wrap(f"epsilon ({units})", 45)), fontsize=8)
+        plot.set(xlabel="round", title=f"privacy spent: {kind}")
+        plot.legend(fontsize=7)
     for plot in plots:
         plot.grid(alpha=0.3)
     figure.tight_layout()

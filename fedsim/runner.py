@@ -87,10 +87,8 @@ def round_line(record: dict[str, Any], scenario: Scenario) -> str:
         f"test acc {record['test_accuracy']:.3f}",
         f"loss {record['test_loss']:.3f}",
     ]
-    if "max_client_epsilon" in record:
-        parts.append(f"client eps {record['max_client_epsilon']:.2f}")
-    if "central_epsilon" in record:
-        parts.append(f"central eps {record['central_epsilon']:.2f}")
+    for entry in record.get("privacy", []):
+        parts.append(f"eps {entry['epsilon']:.2f} ({entry['kind']}, {entry['key']})")
     parts.append(f"{record['elapsed_s']:.1f} s")
     return "  ".join(parts)
 
@@ -217,7 +215,7 @@ def attack_observations(
         raise UserError(
             f"'{run.root}' has no recorded observations; set observer.rounds and observer.clients"
         )
-    data = federated_data(scenario.data, scenario.seed)
+    data = federated_data(scenario.data, scenario.public().seed)  # the partitions the clients held
     out_dir = run.attacks_dir / spec.name
     prepared = False
     pending: dict[int, list[tuple[Observation, torch.Tensor, torch.Tensor]]] = {}
@@ -282,7 +280,8 @@ def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
         "scenario": scenario.name,
         "run_dir": str(run.root),
         "training": read_json(run.training_path) if run.training_done else None,
-        "privacy": {k: last[k] for k in last if k.endswith("epsilon")},
+        # each epsilon with its unit, as the server recorded it (see `fedsim.privacy`)
+        "privacy": last.get("privacy", []),
         "defenses": [d.model_dump(mode="json") for d in scenario.defenses],
         "attacks": {},
     }
@@ -314,8 +313,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for key in ("final_test_accuracy", "best_test_accuracy", "wall_time_s"):
         if key in training:
             table.add_row(key.replace("_", " "), f"{training[key]:.3f}")
-    for key, value in summary["privacy"].items():
-        table.add_row(key.replace("_", " "), f"{value:.3f}")
+    for entry in summary["privacy"]:
+        table.add_row(f"epsilon ({entry['unit']})", f"{entry['epsilon']:.3f}")
     for name, scores in summary["attacks"].items():
         table.add_row(
             f"{name} ({scores['targets']} targets)",

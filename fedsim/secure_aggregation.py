@@ -14,8 +14,9 @@ private masks, quantisation, unmasking) is entirely Flower's.
   `secaggplus_mod` for messages that carry SecAgg+ configs and lets every other message
   through untouched, so a federation without secure aggregation is unchanged.
 
-Flower's quantiser rounds stochastically with numpy's global generator; the mod seeds it per
-client and round (and restores it afterwards), so the same scenario gives the same aggregate.
+Flower's quantiser rounds stochastically with numpy's global generator; the mod seeds it from
+the node's secret and the round (and restores it afterwards), so the same scenario gives the
+same aggregate and the server cannot replay the rounding.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fedsim.errors import UserError
-from fedsim.seeding import numpy_global_seed
+from fedsim.seeding import node_secret, numpy_global_seed
 
 ARRAY_NAMES_KEY = "fedsim.array-names"
 ROUNDING_SEED_KEY = "fedsim.secagg-rounding-seed"
@@ -134,6 +135,6 @@ def secaggplus_when_requested(message: Message, context: Context, call_next: Cli
     fitins_config: Any = message.content.config_records.get(FITINS_CONFIG)
     if fitins_config is None:  # a key-exchange or unmasking stage: no training, no rounding
         return secaggplus_mod(message, context, _message_api(call_next))
-    seed, pid = int(fitins_config[ROUNDING_SEED_KEY]), int(context.node_config["partition-id"])
-    with numpy_global_seed(seed, "secagg-rounding", pid):
+    # the server's per-round seed only varies the rounds; the node's secret keeps them private
+    with numpy_global_seed(node_secret(context), "secagg-rounding", int(fitins_config[ROUNDING_SEED_KEY])):
         return secaggplus_mod(message, context, _message_api(call_next))

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save
 
+from fedsim import privacy
 from fedsim.client import SCENARIO_KEY
 from fedsim.config import Scenario, load_scenario
 from fedsim.data import federated_data
@@ -56,17 +57,31 @@ def initial_model(scenario: Scenario) -> torch.nn.Module:
 
 
 def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
-    """Run every federated round of `scenario`, writing `run` as it goes."""
+    """Run every federated round of `scenario`, writing `run` as it goes.
+
+    The server holds only the public scenario (`Scenario.public()`): its seed is all the
+    server and its messages know, so the clients' secrets stay out of its reach.
+    """
+    scenario = scenario.public()
     data = federated_data(scenario.data, scenario.seed)
     model = initial_model(scenario)
-    server_defenses = [d for d in build_defenses(scenario.defenses) if isinstance(d, ServerTimeDefense)]
+    defenses = build_defenses(scenario.defenses)
+    server_defenses = [d for d in defenses if isinstance(d, ServerTimeDefense)]
     for defense in server_defenses:
         grid = defense.transport(grid, scenario)  # below the observer: e.g. secure aggregation
     view = ObservingGrid(grid, scenario, run)
 
     spec = scenario.federation.strategy
     evaluate_size = scenario.federation.evaluate_clients_per_round
-    strategy = STRATEGIES.get(spec.name).build(spec.params)
+    registered = STRATEGIES.get(spec.name)
+    strategy = registered.build(spec.params)
+    # Which epsilon is in which unit; every record lists its epsilons with them (`privacy`).
+    claimed = privacy.claims(
+        [d.name for d in scenario.defenses],
+        defenses,
+        (spec.name, privacy.strategy_unit(registered, spec.params, strategy)),
+        clear_text_metrics=scenario.training.clear_text_metrics,
+    )
     for defense in server_defenses:
         strategy = defense.wrap(strategy, scenario.cohort_size, scenario.federation.rounds)
     strategy = SeededCohorts(
@@ -98,6 +113,7 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
                     latest_epsilons.setdefault(key, {})[int(client["partition-id"])] = value
         for key, latest in latest_epsilons.items():
             record[f"max_client_{key}"] = max(latest.values())
+        record["privacy"] = privacy.entries(record, claimed)
         run.append_metrics(record)
         if on_round is not None:
             on_round(record)

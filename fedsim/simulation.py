@@ -9,9 +9,14 @@ Two engines run the same ServerApp (`fedsim.server`) and ClientApp (`fedsim.clie
   `client_cpus` / fractional `client_gpus` per ClientApp, on a local Ray instance or an
   existing cluster (`ray_address`).
 
+Both give every simulated node its secret (`SecretNodes`): the one value, never sent, from
+which the node draws all its randomness (see `fedsim.seeding`). The server gets the scenario
+and keeps only its public part.
+
 The deployment engine needs nothing here: `flwr run .` loads `fedsim.server:app` and
-`fedsim.client:app` as declared in pyproject.toml. When Flower changes its engine API,
-this is the file to update.
+`fedsim.client:app` as declared in pyproject.toml (a node's secret is then its operator's
+`fedsim-secret` node config, or OS entropy). When Flower changes its engine API, this is the
+file to update.
 """
 
 from __future__ import annotations
@@ -35,9 +40,28 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsim import client
 from fedsim.config import Scenario
 from fedsim.results import RunDirectory
+from fedsim.seeding import SECRET_KEY, client_secret
 from fedsim.server import RoundCallback, make_server_app, serve
 
 log = logging.getLogger("fedsim")
+
+
+class SecretNodes(ClientApp):
+    """A ClientApp that puts each simulated node's secret into its node config, then runs `app`.
+
+    Flower's simulation sets only `partition-id` and `num-partitions` and takes no further
+    node config, so the secret is filled in here, from the scenario seed and the partition id:
+    runs repeat, and no message carries anything it derives from.
+    """
+
+    def __init__(self, app: ClientApp, seed: int) -> None:
+        super().__init__()
+        self.app, self.seed = app, seed
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        partition = int(context.node_config["partition-id"])
+        context.node_config[SECRET_KEY] = client_secret(self.seed, partition)
+        return self.app(message, context)
 
 
 class InlineGrid(Grid):
@@ -100,7 +124,7 @@ class InlineGrid(Grid):
 
 def run_inline(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    grid = InlineGrid(client.app, scenario.data.num_clients)
+    grid = InlineGrid(SecretNodes(client.app, scenario.seed), scenario.data.num_clients)
     serve(grid, scenario, run, on_round)
 
 
@@ -127,7 +151,7 @@ def run_ray(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | Non
     os.environ.setdefault("OMP_NUM_THREADS", str(scenario.simulation.torch_threads))
     run_simulation(
         server_app=make_server_app(scenario, run, on_round),
-        client_app=client.app,
+        client_app=SecretNodes(client.app, scenario.seed),
         num_supernodes=scenario.data.num_clients,
         backend_config=ray_backend_config(scenario),
     )

@@ -56,6 +56,7 @@ from fedsim.sweep_spec import Cell, Sweep, SweepFile, plain, short_names, value_
 from fedsim.sweep_table import (
     ERROR_FILE,
     MANIFEST,
+    PRIVACY,
     mean_std,
     run_status,
     seed_summary,
@@ -383,14 +384,19 @@ def column_title(column: str, short: dict[str, str]) -> str:
         return short[column]
     if column.endswith("_psnr"):
         return f"{column.removesuffix('_psnr')} PSNR"
+    if column in PRIVACY:
+        return f"eps {column.removeprefix('epsilon_')}"
     return {"final_test_accuracy": "final acc", "wall_time_s": "time s"}.get(column, column)
 
 
 def summary_table(sweep: Sweep, table: pd.DataFrame) -> Table:
-    """One screen: mean ± spread over seeds of the headline numbers, per combination."""
+    """One screen: mean ± spread over seeds of the headline numbers, per combination.
+
+    One epsilon column per kind of guarantee; the caption names each one's unit.
+    """
     summary = seed_summary(table, sweep.axes)
     leakage = [c for c in summary if c.endswith("_psnr")]
-    metrics = [c for c in ["final_test_accuracy", "epsilon", *leakage] if c in summary]
+    metrics = [c for c in ["final_test_accuracy", *PRIVACY, *leakage] if c in summary]
     short = short_names(sweep.axes)
     out = Table(title=f"sweep {sweep.spec.name}: mean ± std over seeds", title_justify="left")
     for column in [*sweep.axes, "seeds", *metrics, "wall_time_s"]:
@@ -404,8 +410,14 @@ def summary_table(sweep: Sweep, table: pd.DataFrame) -> Table:
         out.add_row(
             *values, str(row["seeds"]), *spreads, f"{row.get('wall_time_s', float('nan')):.1f}"
         )
+    captions = [
+        f"{column_title(c, short)}: {'; '.join(sorted({u for u in summary[f'{c}_unit'] if u}))}"
+        for c in PRIVACY
+        if c in metrics and f"{c}_unit" in summary
+    ]
     if len(summary) > SUMMARY_ROWS:
-        out.caption = f"... {len(summary) - SUMMARY_ROWS} more rows in results.csv"
+        captions.append(f"... {len(summary) - SUMMARY_ROWS} more rows in results.csv")
+    out.caption = "\n".join(captions) or None
     return out
 
 

@@ -3,8 +3,11 @@
 Columns: `cell`, `index` (the combination of axis values, shared by its seeds), `seed`, one
 column per swept field (named by its dotted path; lists and mappings as JSON text), `status`
 (done | failed | pending), utility (`final_test_accuracy`, `best_test_accuracy`), privacy
-(`epsilon`: the largest client epsilon under DP-SGD, else the central epsilon; both raw
-columns too), leakage per attack (`<attack>_psnr`, `<attack>_ssim`, `<attack>_label_accuracy`,
+(one column per kind of guarantee, never mixed on one axis: `epsilon_example` (DP-SGD, DP-GD,
+DIFF2), `epsilon_client` (central DP), `epsilon_local` (local DP), `epsilon_unstated` (a
+defense that states no unit), each with a text column `epsilon_<kind>_unit` naming level,
+relation, delta, accountant and defense; see `fedsim.privacy`), leakage per attack
+(`<attack>_psnr`, `<attack>_ssim`, `<attack>_label_accuracy`,
 means over the attacked observations), `wall_time_s` (training plus attacks) and `run_dir`.
 
 Every number is read back from the run directory, never from memory, so a resumed sweep
@@ -22,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from fedsim.errors import UserError
+from fedsim.privacy import KINDS, by_kind
 from fedsim.results import RunDirectory, atomic_write_bytes, read_json
 
 MANIFEST = "cells.json"
@@ -33,7 +37,9 @@ LEAKAGE = ("psnr", "ssim", "label_accuracy")
 MODEL_LEAKAGE = ("top1_accuracy", "top5_accuracy", "knn_distance")
 """Evaluation-classifier scores of model-inversion attacks (the report plots these too)."""
 UTILITY = ("final_test_accuracy", "best_test_accuracy")
-PRIVACY = ("epsilon", "max_client_epsilon", "central_epsilon")
+PRIVACY = tuple(f"epsilon_{kind}" for kind in KINDS)
+UNITS = tuple(f"{column}_unit" for column in PRIVACY)
+"""Text columns: the unit of each privacy column (carried into the seed summary)."""
 
 
 def run_status(run_dir: Path) -> str:
@@ -48,9 +54,9 @@ def run_metrics(run_dir: Path) -> dict[str, Any]:
     summary = read_json(run.summary_path)
     training = summary["training"] or {}
     row: dict[str, Any] = {key: training.get(key) for key in UTILITY}
-    privacy = summary["privacy"]
-    row["epsilon"] = privacy.get("max_client_epsilon", privacy.get("central_epsilon"))
-    row.update({key: privacy[key] for key in PRIVACY[1:] if key in privacy})
+    for kind, (epsilon, unit) in by_kind(summary["privacy"]).items():
+        row[f"epsilon_{kind}"] = epsilon
+        row[f"epsilon_{kind}_unit"] = unit
     for attack, scores in summary["attacks"].items():
         row.update({f"{attack}_{m}": scores[m] for m in (*LEAKAGE, *MODEL_LEAKAGE) if m in scores})
     attack_seconds = sum(read_json(p).get("seconds", 0.0) for p in run.attacks_dir.glob("*/*.json"))
@@ -99,7 +105,8 @@ def load_results(path: Path | str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     for axis in axes:
         table[axis] = axis_column(table[axis].tolist())
-    metric_columns = [c for c in table.columns if c not in {"cell", "status", "run_dir", *axes}]
+    text = {"cell", "status", "run_dir", *axes, *UNITS}
+    metric_columns = [c for c in table.columns if c not in text]
     table[metric_columns] = table[metric_columns].apply(pd.to_numeric, errors="coerce")
     front = ["cell", "index", "seed", *axes, "status"]
     return table[front + [c for c in table.columns if c not in front]]
@@ -141,7 +148,8 @@ def seed_summary(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     """Mean and spread over seeds of every finished combination of axis values.
 
     One row per `index`; for each metric M a column M (mean) and M_std (sample standard
-    deviation over seeds, 0 with a single seed); `seeds` counts the finished seeds.
+    deviation over seeds, 0 with a single seed); `seeds` counts the finished seeds; each
+    `epsilon_<kind>_unit` present joins its seeds' distinct unit labels.
     """
     done = table[table["status"] == "done"]
     metrics = metric_columns(done)
@@ -150,4 +158,7 @@ def seed_summary(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     summary["seeds"] = grouped.size()
     means = grouped[metrics].mean()
     spreads = grouped[metrics].std(ddof=1).fillna(0.0).add_suffix("_std")
-    return pd.concat([summary, means, spreads], axis=1).reset_index()
+    units = grouped[[c for c in UNITS if c in done]].agg(
+        lambda labels: "; ".join(sorted(set(labels.dropna())))
+    )
+    return pd.concat([summary, means, spreads, units], axis=1).reset_index()

@@ -4,10 +4,12 @@ Optional (`pip install 'fedsim[tracking]'`): the run directory stays the record,
 copy of it. One MLflow run per fedsim run directory, logged once it is finished:
 
 - params: every field of the resolved scenario, by dotted path (`defenses.0.noise_multiplier`);
-- metrics: test accuracy and loss per round (step = round), final and best accuracy, epsilon,
-  wall time, and per attack `<attack>.<score>` (PSNR, SSIM, label accuracy, model-inversion
-  scores), as in the sweep's results table;
-- tags: `fedsim.run_dir`, `fedsim.scenario`, and for sweep cells `fedsim.sweep`,
+- metrics: test accuracy and loss per round (step = round), final and best accuracy, one
+  epsilon per kind of guarantee (`epsilon_example`, `epsilon_client`, `epsilon_local`, as in
+  the results table), wall time, and per attack `<attack>.<score>` (PSNR, SSIM, label
+  accuracy, model-inversion scores), as in the sweep's results table;
+- tags: `fedsim.run_dir`, `fedsim.scenario`, `fedsim.epsilon_<kind>_unit` (each epsilon's
+  level, relation, delta, accountant and defense), and for sweep cells `fedsim.sweep`,
   `fedsim.cell`, `fedsim.seed`;
 - artifacts: scenario.yaml, summary.json and the reconstruction images.
 
@@ -30,7 +32,7 @@ import yaml
 
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory, read_json
-from fedsim.sweep_table import LEAKAGE, MODEL_LEAKAGE, run_metrics
+from fedsim.sweep_table import LEAKAGE, MODEL_LEAKAGE, UNITS, run_metrics
 
 RUN_KEY_TAG = "fedsim.run_key"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
@@ -106,6 +108,7 @@ class MlflowTracker:
             RUN_KEY_TAG: key,
             "fedsim.run_dir": str(run_dir.resolve()),
             "fedsim.scenario": str(scenario.get("name", "")),
+            **{f"fedsim.{k}": v for k, v in run_metrics(run_dir).items() if k in UNITS},
             **(tags or {}),
         }
         mlflow_run = self.client.create_run(
@@ -141,10 +144,10 @@ class MlflowTracker:
 
 def summary_metrics(run_dir: Path) -> dict[str, float]:
     """The results-table numbers of a run, with `<attack>_<score>` spelled `<attack>.<score>`
-    (MLflow's UI groups metrics by their dotted prefix)."""
+    (MLflow's UI groups metrics by their dotted prefix). The unit texts go into tags."""
     renamed = {}
     for name, value in run_metrics(run_dir).items():
-        if value is None:
+        if value is None or name in UNITS:
             continue
         for score in (*LEAKAGE, *MODEL_LEAKAGE):
             if name.endswith(f"_{score}"):

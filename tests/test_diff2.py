@@ -21,6 +21,7 @@ from defenses.diff2 import (
     RELEASE_KEY,
     PrivateGradientDescent,
     private_release,
+    sensitivity,
 )
 from fedsim import client
 from fedsim.config import build_scenario
@@ -60,7 +61,7 @@ def test_estimator_update_rule_by_hand() -> None:
                           x3 = x2 - 0.5 v2 = [1.25, -1.25]
     round 3 (gradient):   v3 = (1*[4, 4] + 3*[0, 0]) / 4 = [1, 1];  x4 = x3 - 0.5 v3 = [0.75, -1.75]
     """
-    strategy = PrivateGradientDescent(lr=0.5, refresh_every=2)
+    strategy = PrivateGradientDescent(lr=0.5, refresh_every=2, delta=1e-5)
     grid = InlineGrid(client.app, 2)
     x1 = ArrayRecord({"w": Array(np.array([1.0, 2.0]))})
 
@@ -91,7 +92,7 @@ def hand_gradient(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: int) -> 
 
 def test_release_is_the_clipped_noised_mean_by_hand() -> None:
     """A linear softmax classifier on three examples: per-example gradients in closed form,
-    clipped to norm C, summed, plus N(0, (sigma C)^2) from the same generator, over n."""
+    clipped to norm C, summed, plus N(0, (sigma 2C)^2) from the same generator, over n."""
     torch.set_default_dtype(torch.float64)
     try:
         model = nn.Linear(2, 2)
@@ -107,7 +108,7 @@ def test_release_is_the_clipped_noised_mean_by_hand() -> None:
                 if previous is not None:
                     g = g - hand_gradient(previous["weight"], previous["bias"], x, y)
                 total += g * min(1.0, bound / float(g.norm()))
-            noise = torch.normal(0.0, sigma * bound, size=(6,), generator=torch.Generator().manual_seed(seed))
+            noise = torch.normal(0.0, sigma * 2 * bound, size=(6,), generator=torch.Generator().manual_seed(seed))
             return (total + noise) / n
 
         for previous in (None, before):
@@ -115,6 +116,21 @@ def test_release_is_the_clipped_noised_mean_by_hand() -> None:
             assert torch.allclose(got, by_hand(previous, 7), atol=1e-12)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_noise_std_over_the_accounted_sensitivity_is_the_noise_multiplier() -> None:
+    """The release is accounted replace-one (n fixed): a swapped example moves the clipped sum
+    by 2C, so the noise (release minus its noise-free value, times n) has std sigma * 2C."""
+    torch.manual_seed(0)
+    model = nn.Linear(50, 40)
+    data = TensorData(torch.randn(5, 50), torch.randint(0, 40, (5,)), 40)
+    now = {k: v.detach() for k, v in model.named_parameters()}
+    bound, sigma = 0.3, 1.5
+    noisy = private_release(model, data, now, None, bound, sigma, torch.Generator().manual_seed(1), 8)
+    clean = private_release(model, data, now, None, bound, 0.0, torch.Generator().manual_seed(1), 8)
+    assert sensitivity(bound) == 2 * bound
+    std = float(((noisy - clean) * len(data)).std())
+    assert std / sensitivity(bound) == pytest.approx(sigma, rel=0.05)
 
 
 def independent_epsilon(releases: list[tuple[float, int]], delta: float) -> float:
@@ -182,7 +198,7 @@ def test_target_epsilon_is_spent_after_all_rounds(tmp_path: Path) -> None:
 
 def test_diff2_runs_from_the_cli_and_learns(tmp_path: Path) -> None:
     code, out, _ = run_cli(
-        "run", "scenarios/diff2_digits.yaml", "--set", "federation.rounds=8", "--set", f"output.dir={tmp_path}"
+        "run", "scenarios/diff2_digits.yaml", "--set", "federation.rounds=16", "--set", f"output.dir={tmp_path}"
     )
     assert code == 0, out
     run = RunDirectory(next(tmp_path.glob("diff2_digits/*")))

@@ -28,6 +28,7 @@ from fedsim.errors import UserError
 from fedsim.registry import MODELS
 from fedsim.results import read_json
 from fedsim.runner import run_scenario
+from fedsim.seeding import public_seed
 from fedsim.training import LocalHyperParams
 
 SMALL_GAN = GeneratorParams(latent_dim=32, width=32, steps=1000, batch_size=32)
@@ -251,7 +252,7 @@ def test_the_attacker_never_touches_ground_truth(tmp_path: Path, monkeypatch: py
     assert record["label_accuracy"] == 1.0
     assert (record["mse"], record["psnr"]) == (unhindered["mse"], unhindered["psnr"])
     assert targets[0][0].known_labels is None
-    data = federated_data(DataConfig(dataset="digits", num_clients=10), 0)
+    data = federated_data(DataConfig(dataset="digits", num_clients=10), public_seed(0))  # as the clients hold it
     private = data.client(0)[0].x.flatten(1)
     held = torch.cat([given[0].test_x, given[0].public_x]).flatten(1)
     assert not (torch.cdist(private, held) == 0).any()

@@ -319,7 +319,7 @@ def test_attacks_get_only_what_the_server_saw(recorded_run: Path, monkeypatch: p
     for target in seen["inferred"][0]:
         assert target.known_labels is None and target.server_round == 1
         assert target.batch_size == 2 and target.local_steps == 1 and target.lr == 0.1
-    train = FederatedData(scenario.data, scenario.seed)
+    train = FederatedData(scenario.data, scenario.public().seed)  # the clients' partitions
     for target in seen["known"][0]:
         batches = load_ground_truth(recorded_run, 1, target.client)
         truth = train.client(target.client)[0].subset(batches[0]).y

@@ -33,7 +33,7 @@ SCENARIO = {
     "training": {"batch_size": 1, "local_steps": 1, "lr": 0.5},
     "federation": {"rounds": 3},
     "observer": {"rounds": [1], "clients": [0]},
-    "defenses": [{"name": "dp_sgd", "noise_multiplier": 1.0, "poisson_sampling": False}],
+    "defenses": [{"name": "dp_sgd", "noise_multiplier": 1.0}],
     "attacks": [{"name": "dlg", "iterations": 10}],
 }
 NOISE = [0.5, 2.0]
@@ -125,7 +125,10 @@ def test_sweep_report_is_self_contained_and_matches_the_table(sweep_dir: Path) -
         accuracy = mean_std(row["final_test_accuracy"], row["final_test_accuracy_std"])
         psnr = mean_std(row["dlg_psnr"], row["dlg_psnr_std"])
         assert accuracy in page.cells and psnr in page.cells
-    assert summary["epsilon"].iloc[0] > summary["epsilon"].iloc[1] > 0  # more noise, less epsilon
+    # more noise, less epsilon; DP-SGD's is example-level, in its own column
+    assert summary["epsilon_example"].iloc[0] > summary["epsilon_example"].iloc[1] > 0
+    assert "example-level" in summary["epsilon_example_unit"].iloc[0]
+    assert any("example-level" in c for c in page.cells)  # the all-cells table names the unit
     for cell in table["cell"]:
         assert cell in page.cells  # the all-cells table
 

@@ -103,7 +103,7 @@ def test_aggregate_is_the_plain_weighted_average(runs: tuple[RunDirectory, RunDi
 def test_attacks_target_the_aggregate(runs: tuple[RunDirectory, RunDirectory]) -> None:
     secure, _ = runs
     scenario = build_scenario(raw_scenario(secure.root.parent))
-    data = federated_data(scenario.data, scenario.seed)
+    data = federated_data(scenario.data, scenario.public().seed)  # the clients' partitions
     observation = load_observations(secure.root)[0]
     target = gradient_target(observation, scenario, data)
     assert (target.client, target.batch_size) == (AGGREGATE_CLIENT, CLIENTS * 2)

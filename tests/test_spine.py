@@ -20,7 +20,7 @@ from fedsim.observer import load_ground_truth, load_observations
 from fedsim.results import RunDirectory
 from fedsim.runner import run_scenario
 from fedsim.sampling import draw_cohort
-from fedsim.seeding import torch_generator
+from fedsim.seeding import client_secret, public_seed, torch_generator
 from fedsim.training import train_locally
 
 
@@ -94,16 +94,17 @@ def test_cohorts_are_seeded_by_partition_id(tmp_path: Path) -> None:
     run_dir = run(tmp_path, "a")
     for record in list(run_dir.metrics())[1:]:
         sampled = [c["partition-id"] for c in record["clients"]]
-        assert sampled == draw_cohort(3, "train", record["round"], 6, 3)
-    assert draw_cohort(3, "train", 1, 6, 3) != draw_cohort(3, "train", 2, 6, 3) or draw_cohort(
-        3, "train", 2, 6, 3
-    ) != draw_cohort(3, "train", 3, 6, 3)
+        assert sampled == draw_cohort(public_seed(3), "train", record["round"], 6, 3)
+    seed = public_seed(3)  # the server holds only the public seed
+    assert draw_cohort(seed, "train", 1, 6, 3) != draw_cohort(seed, "train", 2, 6, 3) or draw_cohort(
+        seed, "train", 2, 6, 3
+    ) != draw_cohort(seed, "train", 3, 6, 3)
 
 
 def test_recorded_update_equals_recomputed_local_training(tmp_path: Path) -> None:
     run_dir = run(tmp_path, "a")
     scenario = build_scenario(tiny(tmp_path))
-    data = federated_data(scenario.data, scenario.seed)
+    data = federated_data(scenario.data, scenario.public().seed)
     for observation in load_observations(run_dir.root)[:4]:
         model = build_model(scenario.model, data.input_shape, data.num_classes)
         model.load_state_dict(observation.global_state)
@@ -114,7 +115,8 @@ def test_recorded_update_equals_recomputed_local_training(tmp_path: Path) -> Non
             train,
             hp,
             LocalTraining(len(train), hp.batch_size, hp.local_epochs, None, 3, observation.server_round, 3),
-            generator=torch_generator(3, "batches", observation.server_round, observation.client),
+            # the client's node secret: simulation-only knowledge, never in a message
+            generator=torch_generator(client_secret(3, observation.client), "batches", observation.server_round),
         )
         assert result.steps == observation.local_steps
         for name, value in model.state_dict().items():
@@ -126,7 +128,7 @@ def test_recorded_update_equals_recomputed_local_training(tmp_path: Path) -> Non
 def test_observer_records_only_configured_rounds_and_clients(tmp_path: Path) -> None:
     run_dir = run(tmp_path, "a", observer={"rounds": [2], "clients": [0, 1, 2, 3, 4, 5]})
     observed = {(o.server_round, o.client) for o in load_observations(run_dir.root)}
-    expected = {(2, c) for c in draw_cohort(3, "train", 2, 6, 3)}
+    expected = {(2, c) for c in draw_cohort(public_seed(3), "train", 2, 6, 3)}
     assert observed == expected
 
 
@@ -176,7 +178,8 @@ def test_train_time_dp_sgd_composes_epsilon_and_stops_dlg(tmp_path: Path) -> Non
     )
     rounds = list(run_dir.metrics())
     assert rounds[2]["max_client_epsilon"] > 0
-    assert summary["privacy"]["max_client_epsilon"] == rounds[2]["max_client_epsilon"]
+    (entry,) = [e for e in summary["privacy"] if e["key"] == "max_client_epsilon"]
+    assert entry["epsilon"] == rounds[2]["max_client_epsilon"]
     assert plain["attacks"]["dlg"]["psnr"] > 30
     assert summary["attacks"]["dlg"]["psnr"] < 15
 
