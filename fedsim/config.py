@@ -167,6 +167,12 @@ class SimulationConfig(Section):
     )
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
     torch_threads: int = Field(1, ge=1, description="torch threads per client process")
+    secret_seed: int | None = Field(
+        None,
+        ge=0,
+        description="root of the simulated clients' secret randomness, never sent (null: "
+        "derived from seed, secret only while seed is unguessable)",
+    )
 
 
 class ObserverConfig(Section):
@@ -249,7 +255,13 @@ class Scenario(Section):
     def public(self) -> Scenario:
         """The scenario as the federation sees it: the seed replaced by its one-way public
         seed, which the server and every message may hold (see `fedsim.seeding`)."""
-        return self.model_copy(update={"seed": public_seed(self.seed)})
+        simulation = self.simulation.model_copy(update={"secret_seed": None})
+        return self.model_copy(update={"seed": public_seed(self.seed), "simulation": simulation})
+
+    @property
+    def client_secret_root(self) -> int:
+        """The root of the simulated nodes' secrets: `simulation.secret_seed`, else the seed."""
+        return self.simulation.secret_seed if self.simulation.secret_seed is not None else self.seed
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -20,8 +20,10 @@ The server is the attacker, so the scenario seed is split in two:
 No message carries the scenario seed or a secret, and the hash cannot be inverted, so the
 server cannot replay a client's noise or batch sample -- provided it cannot guess the scenario
 seed either: a small seed (`seed: 3`) is found by trying seeds until the public seed (or the
-initial model) matches. Runs whose privacy matters against such an attacker take an
-unguessable seed, e.g. `python -c "import secrets; print(secrets.randbits(63))"`.
+initial model) matches. Runs whose privacy matters against such an attacker set
+`simulation.secret_seed` (the secrets' root instead of the seed; `Scenario.public()` drops
+it, so no message carries it) or take an unguessable seed, e.g.
+`python -c "import secrets; print(secrets.randbits(63))"`.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ class SecretNodes(ClientApp):
     """A ClientApp that puts each simulated node's secret into its node config, then runs `app`.
 
     Flower's simulation sets only `partition-id` and `num-partitions` and takes no further
-    node config, so the secret is filled in here, from the scenario seed and the partition id:
+    node config, so the secret is filled in here, from `Scenario.client_secret_root` (the
+    optional `simulation.secret_seed`, else the scenario seed) and the partition id:
     runs repeat, and no message carries anything it derives from.
     """
 
@@ -124,7 +125,7 @@ class InlineGrid(Grid):
 
 def run_inline(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    grid = InlineGrid(SecretNodes(client.app, scenario.seed), scenario.data.num_clients)
+    grid = InlineGrid(SecretNodes(client.app, scenario.client_secret_root), scenario.data.num_clients)
     serve(grid, scenario, run, on_round)
 
 
@@ -151,7 +152,7 @@ def run_ray(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | Non
     os.environ.setdefault("OMP_NUM_THREADS", str(scenario.simulation.torch_threads))
     run_simulation(
         server_app=make_server_app(scenario, run, on_round),
-        client_app=SecretNodes(client.app, scenario.seed),
+        client_app=SecretNodes(client.app, scenario.client_secret_root),
         num_supernodes=scenario.data.num_clients,
         backend_config=ray_backend_config(scenario),
     )

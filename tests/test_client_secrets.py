@@ -26,7 +26,7 @@ from fedsim.observer import Observation, load_observations
 from fedsim.results import RunDirectory
 from fedsim.runner import run_scenario
 from fedsim.seeding import SECRET_KEY, client_secret, node_secret, public_seed, torch_generator
-from fedsim.simulation import InlineGrid
+from fedsim.simulation import InlineGrid, SecretNodes
 from fedsim.training import train_locally
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,3 +171,34 @@ def test_node_secret_from_node_config_else_os_entropy_kept_in_state() -> None:
     drawn = [node_secret(context) for context in nodes]
     assert drawn[0] != drawn[1]
     assert [node_secret(context) for context in nodes] == drawn
+
+
+def test_secret_seed_roots_the_secrets_and_never_travels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `simulation.secret_seed`, even an attacker who guesses the scenario seed derives no
+    secret from it: the nodes use the secret seed, and no message carries it."""
+    secret_seed = 987654321
+    seen: list[int] = []
+    call = SecretNodes.__call__
+
+    def recording(nodes: SecretNodes, message: Message, context: Context) -> Message:
+        reply = call(nodes, message, context)
+        seen.append(int(context.node_config[SECRET_KEY]))
+        return reply
+
+    monkeypatch.setattr(SecretNodes, "__call__", recording)
+    raw = scenario(tmp_path, [{"name": "gaussian_noise", "std": 0.01}])
+    raw["simulation"] = {"secret_seed": secret_seed}
+    sent: list[Message] = []
+    push = InlineGrid.push_messages
+
+    def pushing(grid: InlineGrid, messages: list[Message]) -> list[str]:
+        sent.extend(messages := list(messages))
+        return push(grid, messages)
+
+    monkeypatch.setattr(InlineGrid, "push_messages", pushing)
+    run_scenario(build_scenario(raw), tmp_path / "secret", Console(quiet=True))
+
+    assert set(seen) == {client_secret(secret_seed, pid) for pid in range(3)}
+    assert not set(seen) & {client_secret(ROOT_SEED, pid) for pid in range(3)}
+    as_sent = yaml.safe_load(scenario_as_sent(sent))
+    assert as_sent["simulation"]["secret_seed"] is None and as_sent["seed"] == public_seed(ROOT_SEED)
