@@ -8,39 +8,19 @@ Poisson-subsampled Gaussian, so it is the independent reference.
 from __future__ import annotations
 
 import pytest
-from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
-from dp_accounting.pld import PLDAccountant
 from pydantic import ValidationError
 
 from defenses.diff2 import epsilon_after
 from defenses.dp_sgd import DpSgd, history_epsilon
 from defenses.local_dp import LocalDp
+from dp_reference import DELTA, pld_epsilon, within
 
-DELTA = 1e-5
 GRID = [
     (q, sigma, steps)
     for q in (1 / 129, 0.1, 1.0)
     for sigma in (0.5, 1.0, 2.0)
     for steps in (1, 10, 100)
 ]
-# How far above the tight PLD epsilon each accountant may report: factor * PLD + slack. The
-# slack covers tiny epsilons: PRV's absolute error (eps_error 0.01), RDP's order grid.
-FACTOR = {"prv": 1.05, "rdp": 2.5}
-SLACK = {"prv": 0.02, "rdp": 0.8}
-
-
-def within(reported: float, reference: float, accountant: str) -> bool:
-    """Sound (not below PLD) and at most factor * PLD + slack."""
-    return reference - 1e-6 <= reported <= FACTOR[accountant] * reference + SLACK[accountant]
-
-
-def pld_epsilon(q: float, sigma: float, steps: int, delta: float = DELTA) -> float:
-    event = GaussianDpEvent(sigma)
-    if q < 1:
-        event = PoissonSampledDpEvent(q, event)
-    accountant = PLDAccountant(value_discretization_interval=1e-3)
-    accountant.compose(SelfComposedDpEvent(event, steps))
-    return accountant.get_epsilon(delta)
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
