@@ -12,8 +12,8 @@ with L-BFGS (fixed step, as in DLG), differentiating through the gradient itself
 - `idlg` (one image only) first reads the label off the last layer's gradient, then learns
   x alone with that hard label, which is easier and makes the label always correct.
 
-Restarts and targets are one stacked problem (`attacks.gradient_matching.MatchingProblem`)
-run by a per-row L-BFGS (`attacks.batched_lbfgs`); each target keeps the restart and the
+Restarts and targets are one stacked problem (`fedsim.attacks.gradient_matching.MatchingProblem`)
+run by a per-row L-BFGS (`fedsim.attacks.batched_lbfgs`); each target keeps the restart and the
 iterate with the lowest distance D.
 """
 
@@ -27,8 +27,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from attacks.batched_lbfgs import BatchedLBFGS
-from attacks.gradient_matching import (
+from fedsim.attacks.batched_lbfgs import BatchedLBFGS
+from fedsim.attacks.gradient_matching import (
     GradientInversion,
     InversionParams,
     LabelChoice,
@@ -40,9 +40,9 @@ from attacks.gradient_matching import (
     reconstructions,
     stack_labels,
 )
-from fedsim.attack import GradientTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
+from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
 
 
 class LBFGSParams(InversionParams):

@@ -12,7 +12,7 @@ images:
 
 with torch.func.grad over functional_call inside the vmapped objective, and matches the
 simulated theta_T - theta_0 to Delta with Inverting Gradients' cosine distance, TV prior
-and signed Adam (`attacks.inverting_gradients`).
+and signed Adam (`fedsim.attacks.inverting_gradients`).
 
 The batches b(t) cut the dummies into ceil(n / B) slices in a fixed order, cycled epoch after
 epoch, as a DataLoader without drop_last does. The client reshuffled every epoch and the
@@ -28,11 +28,11 @@ from functools import partial
 
 from torch import Tensor
 
-from attacks.gradient_matching import FunctionalModel, Simulation, Weights
-from attacks.inverting_gradients import InvertingGradients
-from fedsim.attack import GradientTarget
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
+from fedsim.attacks.gradient_matching import FunctionalModel, Simulation, Weights
+from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.core.attack import GradientTarget
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
 
 
 def local_schedule(examples: int, batch_size: int, steps: int) -> list[tuple[int, int]]:

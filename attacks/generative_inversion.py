@@ -1,17 +1,17 @@
 """Generative gradient inversion: search a GAN's latent space instead of pixels.
 
-The honest-but-curious server trains a generator G on data it holds (`attacks.generator`),
+The honest-but-curious server trains a generator G on data it holds (`fedsim.attacks.generator`),
 then looks for latents whose images reproduce the client's gradient:
 
     min_z  D(grad_theta CE(f_theta(G(z)), y), g) + lambda TV(G(z)),   ||z_i||_2 = sqrt(m)
 
-with D the suite's gradient distance (cosine by default, `attacks.gradient_matching`),
+with D the suite's gradient distance (cosine by default, `fedsim.attacks.gradient_matching`),
 labels y inferred from the last layer (or known), g the client's mean step gradient, and
 every image's latent z_i kept on the sphere of radius sqrt(m) (m = latent size), where
 N(0, I) latents concentrate, so G is only asked for images like those it learned (the
 spherical projection of GIAS/GIFD's reference code). This is the latent stage of GIAS
 (Jeon et al. 2021) and GIFD (Fang et al. 2023), and GGL's latent search (Li et al. 2022)
-with Adam instead of CMA-ES; `gan_latent` is that search alone, `attacks.gifd` continues it
+with Adam instead of CMA-ES; `gan_latent` is that search alone, `fedsim.attacks.gifd` continues it
 into the generator's intermediate features.
 
 Adam steps with GIFD's learning-rate ramp (linear warm-up over the first 5% of the steps,
@@ -39,8 +39,8 @@ from pydantic import Field
 from rich.console import Console
 from torch import Tensor, nn
 
-from attacks.generator import Generator, GeneratorParams, train_or_load_generator
-from attacks.gradient_matching import (
+from fedsim.attacks.generator import Generator, GeneratorParams, train_or_load_generator
+from fedsim.attacks.gradient_matching import (
     DISTANCES,
     GradientInversion,
     InversionParams,
@@ -51,10 +51,10 @@ from attacks.gradient_matching import (
     stack_labels,
     total_variation,
 )
-from fedsim.attack import AuxiliaryData, GradientTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.core.attack import AuxiliaryData, GradientTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
+from fedsim.core.seeding import derive_seed, torch_generator
 
 WARM_UP = 0.05
 COOL_DOWN = 0.75

@@ -36,8 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from fedsim.errors import UserError
-from fedsim.results import atomic_write_bytes
+from fedsim.core.errors import UserError
+from fedsim.core.results import atomic_write_bytes
 
 M = TypeVar("M", bound=nn.Module)
 

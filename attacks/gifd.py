@@ -18,7 +18,7 @@ lowest, GIFD's "best layer".
 
 `radii` are per feature entry: stage k's ball has l1 radius radii[k-1] times the entries of
 h_k per image, i.e. a mean absolute change per entry, comparable across layers of
-different sizes. The generator is `attacks.generator.Generator`, run layer by layer through
+different sizes. The generator is `fedsim.attacks.generator.Generator`, run layer by layer through
 `LayeredGenerator`; its feature domains are the seed map after the projection and the
 output of every upsampling block but the last (two for 8x8 or 28x28 images, three for 32x32).
 """
@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
-from attacks.generative_inversion import (
+from fedsim.attacks.generative_inversion import (
     Candidates,
     GenerativeInversion,
     PriorParams,
@@ -39,10 +39,10 @@ from attacks.generative_inversion import (
     keep_better,
     stacked,
 )
-from attacks.generator import Generator
-from attacks.gradient_matching import MatchingProblem
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
+from fedsim.attacks.generator import Generator
+from fedsim.attacks.gradient_matching import MatchingProblem
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
 
 
 def project_l1_ball(v: Tensor, radius: float) -> Tensor:
@@ -85,7 +85,7 @@ class L1Ball:
 
 
 class LayeredGenerator:
-    """`attacks.generator.Generator` as a chain z -> h_1 -> ... -> h_K -> image.
+    """`fedsim.attacks.generator.Generator` as a chain z -> h_1 -> ... -> h_K -> image.
 
     Block 0 is the generator's projection reshaped to the seed map (h_1); every later block
     is one upsampling block of its body (transposed convolution, batch norm, ReLU), the last

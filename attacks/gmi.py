@@ -1,6 +1,6 @@
 """GMI, "The Secret Revealer" (Zhang et al. 2020): model inversion through a GAN prior.
 
-The attacker trains a GAN (G, D) on public images of *other* classes (`attacks.generator`),
+The attacker trains a GAN (G, D) on public images of *other* classes (`fedsim.attacks.generator`),
 then, for target class c, searches the generator's latent space instead of pixel space:
 
     min_{z in [-1, 1]^m}  L_prior(z) + lambda * L_id(z)
@@ -25,12 +25,12 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from torch import nn
 
-from attacks.generator import Discriminator, Generator, GeneratorParams, train_or_load_generator
-from attacks.model_inversion import ModelInversionParams, class_likelihood_loss, target_labels
-from fedsim.attack import Attack, ModelTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.attacks.generator import Discriminator, Generator, GeneratorParams, train_or_load_generator
+from fedsim.attacks.model_inversion import ModelInversionParams, class_likelihood_loss, target_labels
+from fedsim.core.attack import Attack, ModelTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
+from fedsim.core.seeding import derive_seed, torch_generator
 
 
 class GanPriorAttack(Attack):

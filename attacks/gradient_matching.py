@@ -8,7 +8,7 @@ reproduces what the server saw:
 
 - `sim` is one gradient grad_theta CE(f_theta(x), y), matched against the client's mean step
   gradient -update / (lr * steps) (DLG, iDLG, IG), or the client's whole local training
-  unrolled step by step, matched against the update itself (`attacks.fedavg_inversion`).
+  unrolled step by step, matched against the update itself (`fedsim.attacks.fedavg_inversion`).
 - `D` is the squared distance sum_l ||a_l - b_l||^2 (DLG) or one minus the cosine similarity
   of all layers at once, 1 - <a, b> / (||a|| ||b||) (Geiping et al. 2020, "Inverting Gradients").
 - `TV` is the anisotropic total variation mean|dx| + mean|dy| (Geiping et al.).
@@ -40,10 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
-from attacks.label_inference import infer_labels
-from fedsim.attack import Attack, GradientTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.seeding import torch_generator
+from fedsim.attacks.label_inference import infer_labels
+from fedsim.core.attack import Attack, GradientTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.seeding import torch_generator
 
 THREAT_MODEL = "honest-but-curious server (one client's update, the weights sent, lr/steps/batch size)"
 KNOWN_LABELS_THREAT_MODEL = THREAT_MODEL + " + the client's labels (labels: known)"

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from attacks.gradient_matching import (
+from fedsim.attacks.gradient_matching import (
     DISTANCES,
     GradientInversion,
     InversionParams,
@@ -39,8 +39,8 @@ from attacks.gradient_matching import (
     stack_labels,
     total_variation,
 )
-from fedsim.attack import GradientTarget, Reconstruction
-from fedsim.registry import ATTACKS
+from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.core.registry import ATTACKS
 
 DECAY_POINTS = (3 / 8, 5 / 8, 7 / 8)
 """Fractions of the iterations after which the step size is divided by 10 (Geiping et al.)."""

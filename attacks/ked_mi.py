@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.generator import Discriminator, Generator, GeneratorParams, train_gan
-from attacks.gmi import GanPriorAttack
-from attacks.model_inversion import ModelInversionParams, class_likelihood_loss, target_labels
-from fedsim.attack import ModelTarget, Reconstruction
-from fedsim.registry import ATTACKS
-from fedsim.seeding import torch_generator
+from fedsim.attacks.generator import Discriminator, Generator, GeneratorParams, train_gan
+from fedsim.attacks.gmi import GanPriorAttack
+from fedsim.attacks.model_inversion import ModelInversionParams, class_likelihood_loss, target_labels
+from fedsim.core.attack import ModelTarget, Reconstruction
+from fedsim.core.registry import ATTACKS
+from fedsim.core.seeding import torch_generator
 
 
 def realism_loss(logits: Tensor) -> Tensor:

@@ -42,8 +42,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fedsim.attack import GradientTarget
-from fedsim.errors import UserError
+from fedsim.core.attack import GradientTarget
+from fedsim.core.errors import UserError
 
 PREDICTION_SAMPLES = 256
 """Random images used to estimate the model's mean prediction pbar."""

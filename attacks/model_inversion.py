@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from attacks.mi_evaluation import EvaluationParams
-from fedsim.attack import Attack, ModelTarget, Reconstruction
-from fedsim.registry import ATTACKS
-from fedsim.seeding import torch_generator
+from fedsim.evaluation.mi_evaluation import EvaluationParams
+from fedsim.core.attack import Attack, ModelTarget, Reconstruction
+from fedsim.core.registry import ATTACKS
+from fedsim.core.seeding import torch_generator
 
 WHITE_BOX = "model holder, white-box: the final global model's weights and gradients"
 

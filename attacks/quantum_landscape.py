@@ -21,11 +21,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from attacks.quantum_matching import QuantumAttack, QuantumAttackParams, local_search
-from attacks.quantum_oracle import QuantumGradientOracle
-from fedsim.attack import GradientTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
+from fedsim.attacks.quantum_matching import QuantumAttack, QuantumAttackParams, local_search
+from fedsim.attacks.quantum_oracle import QuantumGradientOracle
+from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
 
 LOSS_BANDWIDTH = 4
 """D's highest frequency in units of the model's f_max (see the module docstring)."""

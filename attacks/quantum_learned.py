@@ -28,12 +28,12 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.quantum_matching import QuantumAttack, QuantumAttackParams
-from attacks.quantum_oracle import QuantumGradientOracle, circular_distance
-from fedsim.attack import GradientTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
-from fedsim.seeding import derive_seed
+from fedsim.attacks.quantum_matching import QuantumAttack, QuantumAttackParams
+from fedsim.attacks.quantum_oracle import QuantumGradientOracle, circular_distance
+from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
+from fedsim.core.seeding import derive_seed
 
 HELD_OUT_FRACTION = 0.2
 SIMULATION_CHUNK = 4096

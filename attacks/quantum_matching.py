@@ -16,11 +16,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from attacks.quantum_oracle import QuantumGradientOracle
-from fedsim.attack import Attack, GradientTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS
-from fedsim.seeding import torch_generator
+from fedsim.attacks.quantum_oracle import QuantumGradientOracle
+from fedsim.core.attack import Attack, GradientTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS
+from fedsim.core.seeding import torch_generator
 
 THREAT_MODEL = (
     "honest-but-curious server (Kumar et al.): knows the circuit, weights, observable and loss; "

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from fedsim.attack import GradientTarget
-from fedsim.errors import UserError
+from fedsim.core.attack import GradientTarget
+from fedsim.core.errors import UserError
 from fedsim.models.quantum import VQC
 
 RIDGE = 1e-10

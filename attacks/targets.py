@@ -13,10 +13,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from fedsim.attack import GradientTarget
-from fedsim.data import TensorData
-from fedsim.defense import LocalTraining
-from fedsim.training import LocalHyperParams, train_locally
+from fedsim.core.attack import GradientTarget
+from fedsim.data.datasets import TensorData
+from fedsim.core.defense import LocalTraining
+from fedsim.federation.training import LocalHyperParams, train_locally
 
 
 def from_gradient(

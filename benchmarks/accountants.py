@@ -8,8 +8,8 @@ from __future__ import annotations
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.pld import PLDAccountant
 
-from defenses.diff2 import epsilon_after
-from defenses.dp_sgd import history_epsilon
+from fedsim.defenses.diff2 import epsilon_after
+from fedsim.defenses.dp_sgd import history_epsilon
 
 DELTA = 1e-5
 SETTINGS = [(1 / 129, 0.5, 100), (0.01, 1.0, 1000), (0.1, 1.0, 100), (1.0, 2.0, 10)]

@@ -20,13 +20,13 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_digits
 
-from attacks.dlg import DLG
-from attacks.inverting_gradients import InvertingGradients
-from attacks.targets import from_local_training
-from fedsim.attack import Attack, GradientTarget
-from fedsim.data import TensorData
-from fedsim.registry import MODELS
-from fedsim.training import LocalHyperParams
+from fedsim.attacks.dlg import DLG
+from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.attacks.targets import from_local_training
+from fedsim.core.attack import Attack, GradientTarget
+from fedsim.data.datasets import TensorData
+from fedsim.core.registry import MODELS
+from fedsim.federation.training import LocalHyperParams
 
 SHAPE = (1, 8, 8)
 CASES = (("dlg", DLG, "lenet"), ("ig", InvertingGradients, "convnet"))

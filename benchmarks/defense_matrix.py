@@ -4,7 +4,7 @@ accuracy per attack.
 
 Every number is read back from the cells' run directories (summary.json). The epsilon column
 is the privacy spent after the last round, and the unit column says what it protects, as the
-defense states it (`fedsim.privacy`): level, relation, delta, accountant.
+defense states it (`fedsim.core.privacy`): level, relation, delta, accountant.
 
     python benchmarks/defense_matrix.py                          # run (or resume) and print
     python benchmarks/defense_matrix.py --docs docs/defenses.md  # ... and update the docs table
@@ -21,10 +21,10 @@ from typing import Any
 
 from rich.console import Console
 
-from fedsim.privacy import by_kind
-from fedsim.results import read_json
-from fedsim.sweep import run_sweep
-from fedsim.sweep_spec import load_sweep
+from fedsim.core.privacy import by_kind
+from fedsim.core.results import read_json
+from fedsim.experiments.sweep import run_sweep
+from fedsim.experiments.sweep_spec import load_sweep
 
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "scenarios" / "defense_matrix.yaml"
 DOCS_BEGIN, DOCS_END = "<!-- defense-matrix:begin -->", "<!-- defense-matrix:end -->"

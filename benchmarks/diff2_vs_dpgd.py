@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from fedsim.config import build_scenario
-from fedsim.device import set_threads
-from fedsim.results import RunDirectory
-from fedsim.simulation import run_federation
+from fedsim.core.config import build_scenario
+from fedsim.core.device import set_threads
+from fedsim.core.results import RunDirectory
+from fedsim.federation.simulation import run_federation
 
 GRIDS: dict[str, dict[str, list[Any]]] = {
     "dp_gd": {"lr": [0.5, 1.0, 2.0, 4.0]},

@@ -1,7 +1,7 @@
 """Time per local training step with and without DP-SGD, per Opacus mode and model.
 
 A step is what fedsim's client loop does per batch: forward, loss, backward, optimizer step,
-with DP-SGD applied exactly as in a run (`defenses.dp_sgd.DpSgd.prepare` and its `criterion`
+with DP-SGD applied exactly as in a run (`fedsim.defenses.dp_sgd.DpSgd.prepare` and its `criterion`
 hook). Batches are Poisson-sampled, as DP-SGD requires (their size varies around the batch
 size); the median over the timed steps is reported, and each DP mode's ratio to the
 non-private step. One torch thread, as fedsim's clients use by default. On CPU the time is the
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses.dp_sgd import DpSgd
-from fedsim.defense import LocalTraining
-from fedsim.registry import MODELS
+from fedsim.defenses.dp_sgd import DpSgd
+from fedsim.core.defense import LocalTraining
+from fedsim.core.registry import MODELS
 
 MODELS_TIMED = {
     "mlp": {"hidden": [512, 256]},

@@ -25,16 +25,16 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from torch import Tensor
 
-from attacks.generative_inversion import GenerativeInversion, LatentInversion, LatentParams
-from attacks.gifd import Gifd, GifdParams
-from attacks.metrics import pair_by_best_match, score_images
-from fedsim.attack import GradientTarget, Reconstruction
-from fedsim.data import federated_data
-from fedsim.model_leakage import CACHE
-from fedsim.observer import load_observations
-from fedsim.results import RunDirectory
-from fedsim.runner import auxiliary_data, gradient_target, ground_truth, load_run_scenario
-from fedsim.seeding import derive_seed
+from fedsim.attacks.generative_inversion import GenerativeInversion, LatentInversion, LatentParams
+from fedsim.attacks.gifd import Gifd, GifdParams
+from fedsim.evaluation.metrics import pair_by_best_match, score_images
+from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.data.datasets import federated_data
+from fedsim.pipeline.model_leakage import CACHE
+from fedsim.federation.observer import load_observations
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import auxiliary_data, gradient_target, ground_truth, load_run_scenario
+from fedsim.core.seeding import derive_seed
 
 UNBOUNDED = 1e6
 """A per-entry radius no feature deviation reaches: the ball never binds."""

@@ -5,7 +5,7 @@
 
 Prints one markdown table: per defense and batch size, each attack's PSNR (mean ± standard
 deviation over seeds of the mean over the attacked clients) / SSIM / label accuracy (means),
-from the sweep's results table (`fedsim.sweep_table`). Writes, per setting, one image grid
+from the sweep's results table (`fedsim.experiments.sweep_table`). Writes, per setting, one image grid
 stacking every attack's truth-over-reconstruction grid of one client of the first seed (the
 PNGs the runner wrote), named `<defense>_b<batch>.png`.
 """
@@ -21,9 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from fedsim.results import RunDirectory
-from fedsim.runner import load_run_scenario
-from fedsim.sweep_table import load_results, seed_summary
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import load_run_scenario
+from fedsim.experiments.sweep_table import load_results, seed_summary
 
 ATTACKS = ("ig", "gan_latent", "gifd")
 

@@ -24,16 +24,16 @@ import torch
 from sklearn.datasets import load_digits
 from torch import Tensor
 
-from attacks.fedavg_inversion import FedAvgInversion
-from attacks.gradient_matching import GradientInversion, mean_step_gradient
-from attacks.inverting_gradients import InvertingGradients
-from attacks.label_inference import infer_labels, last_layer
-from attacks.metrics import label_accuracy, save_image_grid, score_images
-from attacks.targets import from_local_training
-from fedsim.attack import GradientTarget
-from fedsim.data import TensorData
-from fedsim.registry import MODELS
-from fedsim.training import LocalHyperParams
+from fedsim.attacks.fedavg_inversion import FedAvgInversion
+from fedsim.attacks.gradient_matching import GradientInversion, mean_step_gradient
+from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.attacks.label_inference import infer_labels, last_layer
+from fedsim.evaluation.metrics import label_accuracy, save_image_grid, score_images
+from fedsim.attacks.targets import from_local_training
+from fedsim.core.attack import GradientTarget
+from fedsim.data.datasets import TensorData
+from fedsim.core.registry import MODELS
+from fedsim.federation.training import LocalHyperParams
 
 SHAPE = (1, 8, 8)
 BATCHES = (1, 2, 4, 8)

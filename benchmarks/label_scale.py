@@ -3,7 +3,7 @@
     python benchmarks/label_scale.py runs/sweeps/gifd_vs_ig
 
 For every finished cell with batches of more than one image, infers each attacked client's
-labels both ways (`attacks.label_inference.infer_labels`, scale "update" and "estimated")
+labels both ways (`fedsim.attacks.label_inference.infer_labels`, scale "update" and "estimated")
 and prints the mean label accuracy against the client's true labels (the run's ground
 truth, read here only to score).
 """
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from attacks.gradient_matching import mean_step_gradient
-from attacks.label_inference import infer_labels
-from attacks.metrics import label_accuracy
-from fedsim.data import federated_data
-from fedsim.observer import load_ground_truth, load_observations
-from fedsim.results import RunDirectory
-from fedsim.runner import gradient_target, load_run_scenario
-from fedsim.sweep_table import load_results
+from fedsim.attacks.gradient_matching import mean_step_gradient
+from fedsim.attacks.label_inference import infer_labels
+from fedsim.evaluation.metrics import label_accuracy
+from fedsim.data.datasets import federated_data
+from fedsim.federation.observer import load_ground_truth, load_observations
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import gradient_target, load_run_scenario
+from fedsim.experiments.sweep_table import load_results
 
 SCALES = ("update", "estimated")
 

@@ -37,13 +37,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
 
-from fedsim.config import PluginSpec, Scenario, build_scenario
-from fedsim.data import federated_data
-from fedsim.model_leakage import CACHE
-from fedsim.privacy import by_kind
-from fedsim.results import RunDirectory, atomic_write_bytes, read_json
-from fedsim.runner import attack_run, run_scenario, write_summary
-from fedsim.sweep_spec import Cell, load_sweep
+from fedsim.core.config import PluginSpec, Scenario, build_scenario
+from fedsim.data.datasets import federated_data
+from fedsim.pipeline.model_leakage import CACHE
+from fedsim.core.privacy import by_kind
+from fedsim.core.results import RunDirectory, atomic_write_bytes, read_json
+from fedsim.pipeline.runner import attack_run, run_scenario, write_summary
+from fedsim.experiments.sweep_spec import Cell, load_sweep
 
 SWEEP = Path(__file__).resolve().parent.parent / "scenarios" / "sweeps" / "mid_vs_dp.yaml"
 FAMILIES = {"none": ("black", "o"), "mid": ("tab:blue", "s"), "dp_sgd": ("tab:red", "^")}

@@ -33,9 +33,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.quantum_matching import local_search
-from attacks.quantum_oracle import QuantumGradientOracle
-from defenses.quantum_grad_sampler import quantum_layer_grad_sample
+from fedsim.attacks.quantum_matching import local_search
+from fedsim.attacks.quantum_oracle import QuantumGradientOracle
+from fedsim.defenses.quantum_grad_sampler import quantum_layer_grad_sample
 from fedsim.models.quantum import VQC
 
 BATCH = 32

@@ -47,7 +47,7 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacks.quantum_landscape import (
+from fedsim.attacks.quantum_landscape import (
     QuantumGridScan,
     feature_grid,
     grid_scan,
@@ -55,14 +55,14 @@ from attacks.quantum_landscape import (
     local_minima,
     loss_on_grid,
 )
-from attacks.quantum_learned import Inverter, QuantumLearned
-from attacks.quantum_matching import local_search
-from attacks.quantum_oracle import QuantumGradientOracle, circular_distance
+from fedsim.attacks.quantum_learned import Inverter, QuantumLearned
+from fedsim.attacks.quantum_matching import local_search
+from fedsim.attacks.quantum_oracle import QuantumGradientOracle, circular_distance
 from fedsim.cli import quiet_flower
-from fedsim.config import load_scenario
+from fedsim.core.config import load_scenario
 from fedsim.models.quantum import VQC
-from fedsim.runner import run_scenario
-from fedsim.seeding import derive_seed
+from fedsim.pipeline.runner import run_scenario
+from fedsim.core.seeding import derive_seed
 
 OUT = ROOT / "docs" / "quantum"
 SEED = 0

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from fedsim.config import Scenario, build_scenario
-from fedsim.data import federated_data
-from fedsim.defense import LocalTraining
-from fedsim.device import set_threads
-from fedsim.results import RunDirectory
-from fedsim.seeding import torch_generator
-from fedsim.server import initial_model
-from fedsim.simulation import run_federation
-from fedsim.training import LocalHyperParams, train_locally
+from fedsim.core.config import Scenario, build_scenario
+from fedsim.data.datasets import federated_data
+from fedsim.core.defense import LocalTraining
+from fedsim.core.device import set_threads
+from fedsim.core.results import RunDirectory
+from fedsim.core.seeding import torch_generator
+from fedsim.federation.server import initial_model
+from fedsim.federation.simulation import run_federation
+from fedsim.federation.training import LocalHyperParams, train_locally
 
 
 def scenario_for(clients: int, engine: str, out: Path) -> Scenario:

@@ -3,7 +3,7 @@
     python benchmarks/sweep_parallel.py                                   # pruning_tradeoff, 2 workers
     python benchmarks/sweep_parallel.py scenarios/sweeps/dp_tradeoff.yaml --workers 4 --cells 8
 
-Both runs go through `fedsim.sweep.run_sweep` (worker processes, one torch thread each) into
+Both runs go through `fedsim.experiments.sweep.run_sweep` (worker processes, one torch thread each) into
 fresh temporary directories, so both pay their workers' start-up. CPU s (this process and its
 workers) shows both did the same work; on a machine shared with other jobs the speed-up is
 bounded by the CPU time the scheduler grants. It also checks that the parallel run gives
@@ -23,8 +23,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from fedsim.sweep import run_sweep
-from fedsim.sweep_spec import Sweep, load_sweep
+from fedsim.experiments.sweep import run_sweep
+from fedsim.experiments.sweep_spec import Sweep, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

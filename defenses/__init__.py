@@ -1,8 +1,8 @@
-"""Defenses: each module registers one defense in fedsim.registry.DEFENSES."""
+"""Defenses: each module registers one defense in fedsim.core.registry.DEFENSES."""
 
 from importlib.util import find_spec
 
-from defenses import (
+from fedsim.defenses import (
     central_dp,
     clipping,
     diff2,
@@ -29,4 +29,4 @@ __all__ = [
 ]
 
 if find_spec("pennylane") is not None:  # Opacus per-example gradients for quantum layers
-    from defenses import quantum_grad_sampler  # noqa: F401
+    from fedsim.defenses import quantum_grad_sampler  # noqa: F401

@@ -89,9 +89,9 @@ from flwr.supercore import differential_privacy as flower_dp
 from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedsim.defense import PrivacyUnit, ServerTimeDefense
-from fedsim.errors import UserError
-from fedsim.registry import DEFENSES
+from fedsim.core.defense import PrivacyUnit, ServerTimeDefense
+from fedsim.core.errors import UserError
+from fedsim.core.registry import DEFENSES
 
 F = TypeVar("F", bound=Callable[..., Any])
 _flower_get_norm = flower_dp.get_norm

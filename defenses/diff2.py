@@ -65,13 +65,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.client import SCENARIO_KEY, app, client_setup, dp_reply_metrics, partition_id
-from fedsim.data import TensorData
-from fedsim.defense import PrivacyUnit
-from fedsim.registry import STRATEGIES
-from fedsim.seeding import node_secret, torch_generator
-from fedsim.strategies import TAKE_ALL_NODES
-from fedsim.training import task_criterion
+from fedsim.federation.client import SCENARIO_KEY, app, client_setup, dp_reply_metrics, partition_id
+from fedsim.data.datasets import TensorData
+from fedsim.core.defense import PrivacyUnit
+from fedsim.core.registry import STRATEGIES
+from fedsim.core.seeding import node_secret, torch_generator
+from fedsim.federation.strategies import TAKE_ALL_NODES
+from fedsim.federation.training import task_criterion
 
 MESSAGE_TYPE = "train.diff2"
 RELEASE_KEY = "diff2.release"

@@ -48,9 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedsim.defense import LocalTraining, PrivacyUnit, TrainTimeDefense
-from fedsim.errors import UserError
-from fedsim.registry import DEFENSES
+from fedsim.core.defense import LocalTraining, PrivacyUnit, TrainTimeDefense
+from fedsim.core.errors import UserError
+from fedsim.core.registry import DEFENSES
 
 HISTORY_KEY = "dp_sgd_history"
 PROBE_EXAMPLES = 4
@@ -322,7 +322,7 @@ def _refuse_unsupported_layers(model: nn.Module, shown: int = 3) -> None:
 
 def _noise_generator(loader: DataLoader, device: torch.device) -> torch.Generator | None:
     """A noise stream as reproducible, and as secret, as the batches: seeded by a draw from
-    the loader's RNG, which the client seeds from its node secret (see `fedsim.seeding`), so
+    the loader's RNG, which the client seeds from its node secret (see `fedsim.core.seeding`), so
     the server can neither replay the noise nor see it repeat across clients and rounds. A
     loader without a generator gets None (Opacus then draws from the global RNG).
     """

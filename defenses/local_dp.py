@@ -13,7 +13,7 @@ same delta. The default sensitivity is 2C: any two clipped updates differ by at 
 
 The defense runs as Flower's mod itself (`client_mod`), after every update-time `transform`;
 the mod draws from numpy's global generator, which fedsim's ClientApp seeds per client and
-round (see `fedsim.client.defense_mods`).
+round (see `fedsim.federation.client.defense_mods`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field
 
-from defenses.central_dp import tolerating_zero_updates
-from fedsim.defense import Defense, PrivacyUnit, Stage
-from fedsim.registry import DEFENSES
+from fedsim.defenses.central_dp import tolerating_zero_updates
+from fedsim.core.defense import Defense, PrivacyUnit, Stage
+from fedsim.core.registry import DEFENSES
 
 RELEASES_KEY = "fedsim.local_dp"
 

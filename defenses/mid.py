@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedsim.defense import LocalTraining, TrainTimeDefense
+from fedsim.core.defense import LocalTraining, TrainTimeDefense
 from fedsim.models.heads import classifier_head, replace_submodule
-from fedsim.registry import DEFENSES
+from fedsim.core.registry import DEFENSES
 
 SIGMA_SHIFT = 5.0
 """sigma = softplus(r - 5): the bottleneck starts nearly deterministic (sigma ~ 0.007)."""

@@ -15,8 +15,8 @@ from abc import abstractmethod
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedsim.defense import UpdateTimeDefense
-from fedsim.registry import DEFENSES
+from fedsim.core.defense import UpdateTimeDefense
+from fedsim.core.registry import DEFENSES
 
 
 class AdditiveNoise(UpdateTimeDefense):

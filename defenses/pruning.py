@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedsim.defense import UpdateTimeDefense
-from fedsim.registry import DEFENSES
+from fedsim.core.defense import UpdateTimeDefense
+from fedsim.core.registry import DEFENSES
 
 
 @DEFENSES.register("topk")

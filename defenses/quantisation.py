@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedsim.defense import UpdateTimeDefense
-from fedsim.registry import DEFENSES
+from fedsim.core.defense import UpdateTimeDefense
+from fedsim.core.registry import DEFENSES
 
 FP16_MAX = torch.finfo(torch.float16).max
 INT8_LEVELS = 255

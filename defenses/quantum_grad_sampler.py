@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from opacus.grad_sample import register_grad_sampler
 
-from fedsim.errors import UserError
+from fedsim.core.errors import UserError
 from fedsim.models.quantum import QuantumLayer
 
 

@@ -49,15 +49,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedsim.client import TRUTH_KEY
-from fedsim.config import Scenario
-from fedsim.defense import ServerTimeDefense
-from fedsim.errors import UserError
-from fedsim.grid_view import GridView
-from fedsim.observer import AGGREGATE_KEY
-from fedsim.registry import DEFENSES
-from fedsim.secure_aggregation import named_arrays, to_fitins
-from fedsim.seeding import derive_seed
+from fedsim.federation.protocol import AGGREGATE_KEY, TRUTH_KEY
+from fedsim.core.config import Scenario
+from fedsim.core.defense import ServerTimeDefense
+from fedsim.core.errors import UserError
+from fedsim.federation.grid_view import GridView
+from fedsim.core.registry import DEFENSES
+from fedsim.federation.secure_aggregation import named_arrays, to_fitins
+from fedsim.core.seeding import derive_seed
 
 AVERAGING_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 """Strategies that aggregate by FedAvg's example-weighted average: what SecAgg+ computes."""

@@ -15,9 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedsim.config import Scenario, load_scenario
-from fedsim.errors import UserError
-from fedsim.registry import ALL_REGISTRIES
+from fedsim.core.config import Scenario, load_scenario
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ALL_REGISTRIES
 
 cli = typer.Typer(
     add_completion=False,
@@ -47,8 +47,8 @@ def run(
     mlflow: MlflowUri = None,
 ) -> None:
     """Train the federation, run the scenario's attacks, write the run directory."""
-    from fedsim.runner import run_scenario
-    from fedsim.tracking import MlflowTracker
+    from fedsim.pipeline.runner import run_scenario
+    from fedsim.experiments.tracking import MlflowTracker
 
     scenario = load_scenario(scenario_file, overrides or [])
     tracker = MlflowTracker(mlflow, scenario.name) if mlflow else None  # fail before training
@@ -96,9 +96,9 @@ def attack(
     ] = None,
 ) -> None:
     """Run an attack on a finished run's observations, without retraining."""
-    from fedsim.config import build_scenario
-    from fedsim.results import RunDirectory
-    from fedsim.runner import attack_run, load_run_scenario, write_summary
+    from fedsim.core.config import build_scenario
+    from fedsim.core.results import RunDirectory
+    from fedsim.pipeline.runner import attack_run, load_run_scenario, write_summary
 
     run = RunDirectory(run_dir).require()
     base = load_run_scenario(run)
@@ -122,9 +122,9 @@ def sweep(
     mlflow: MlflowUri = None,
 ) -> None:
     """Run every cell of a sweep in parallel; rerun the same command to resume it."""
-    from fedsim.sweep import cells_table, run_sweep
-    from fedsim.sweep_spec import load_sweep
-    from fedsim.tracking import MlflowTracker
+    from fedsim.experiments.sweep import cells_table, run_sweep
+    from fedsim.experiments.sweep_spec import load_sweep
+    from fedsim.experiments.tracking import MlflowTracker
 
     plan = load_sweep(sweep_file, workers)
     if dry_run:
@@ -143,7 +143,7 @@ def report(
     ] = 1,
 ) -> None:
     """Write report.html (self-contained) and report.md with plots, tables and images."""
-    from fedsim.report import write_report
+    from fedsim.reporting.report import write_report
 
     html, markdown = write_report(directory, images_per_cell=images)
     console.print(f"report: {html}\nmarkdown: {markdown}")

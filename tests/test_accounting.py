@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from defenses.diff2 import epsilon_after
-from defenses.dp_sgd import DpSgd, history_epsilon
-from defenses.local_dp import LocalDp
+from fedsim.defenses.diff2 import epsilon_after
+from fedsim.defenses.dp_sgd import DpSgd, history_epsilon
+from fedsim.defenses.local_dp import LocalDp
 from dp_reference import DELTA, pld_epsilon, within
 
 GRID = [
@@ -75,7 +75,7 @@ def test_central_dp_epsilon_bounds_pld(sigma: float, rounds: int) -> None:
         SamplingMethod,
     )
 
-    from defenses.central_dp import OpacusRdpAccountant
+    from fedsim.defenses.central_dp import OpacusRdpAccountant
 
     config = PrivacyConfig(
         DELTA, 10, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION
@@ -86,7 +86,7 @@ def test_central_dp_epsilon_bounds_pld(sigma: float, rounds: int) -> None:
 
 
 def test_delta_at_least_one_over_n_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    import defenses.dp_sgd as dp_sgd
+    import fedsim.defenses.dp_sgd as dp_sgd
 
     warnings: list[str] = []
     monkeypatch.setattr(dp_sgd.log, "warning", lambda message, *args: warnings.append(message % args))

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from defenses.central_dp import CentralDpAdaptive, CentralDpAdaptiveClient
+from fedsim.defenses.central_dp import CentralDpAdaptive, CentralDpAdaptiveClient
 from tests.test_defenses import FakeGrid, server_identity  # noqa: F401 (fixture)
 
 D = 200_000  # coordinates: the std is measured to ~0.2 %

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cli_helpers import run_cli
-from fedsim.registry import ALL_REGISTRIES, ATTACKS
+from fedsim.core.registry import ALL_REGISTRIES, ATTACKS
 
 TINY = {
     "name": "tiny",

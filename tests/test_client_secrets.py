@@ -18,16 +18,16 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from rich.console import Console
 
-from defenses.noise import GaussianNoise
-from fedsim.client import SCENARIO_KEY, ClientSetup, client_setup
-from fedsim.config import build_scenario
-from fedsim.defense import LocalTraining
-from fedsim.observer import Observation, load_observations
-from fedsim.results import RunDirectory
-from fedsim.runner import run_scenario
-from fedsim.seeding import SECRET_KEY, client_secret, node_secret, public_seed, torch_generator
-from fedsim.simulation import InlineGrid, SecretNodes
-from fedsim.training import train_locally
+from fedsim.defenses.noise import GaussianNoise
+from fedsim.federation.client import SCENARIO_KEY, ClientSetup, client_setup
+from fedsim.core.config import build_scenario
+from fedsim.core.defense import LocalTraining
+from fedsim.federation.observer import Observation, load_observations
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import run_scenario
+from fedsim.core.seeding import SECRET_KEY, client_secret, node_secret, public_seed, torch_generator
+from fedsim.federation.simulation import InlineGrid, SecretNodes
+from fedsim.federation.training import train_locally
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""fedsim.data: datasets, partitioners and the per-client splits, all offline."""
+"""fedsim.data.datasets: datasets, partitioners and the per-client splits, all offline."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fedsim.config import DataConfig, build_scenario
-from fedsim.data import FederatedData, TensorData, federated_data
-from fedsim.errors import UserError
-from fedsim.registry import DATASETS
+from fedsim.core.config import DataConfig, build_scenario
+from fedsim.data.datasets import FederatedData, TensorData, federated_data
+from fedsim.core.errors import UserError
+from fedsim.core.registry import DATASETS
 
 DIGITS = 1797
 NAMES = ["cat", "dog", "emu"]  # a ClassLabel with a class no example uses

@@ -13,14 +13,14 @@ import torch
 from rich.console import Console
 
 from dp_reference import pld_epsilon, within
-from fedsim.config import build_scenario
-from fedsim.data import federated_data
-from fedsim.errors import UserError
+from fedsim.core.config import build_scenario
+from fedsim.data.datasets import federated_data
+from fedsim.core.errors import UserError
 from fedsim.models import federated_model
-from fedsim.observer import load_observations
-from fedsim.results import RunDirectory
-from fedsim.runner import run_scenario
-from fedsim.training import LocalHyperParams
+from fedsim.federation.observer import load_observations
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import run_scenario
+from fedsim.federation.training import LocalHyperParams
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Secure RNG turned off",
@@ -118,7 +118,7 @@ def test_local_dp_runs_reproducibly_and_reports_the_composed_epsilon(tmp_path: P
     defenses = [{"name": "local_dp", "clipping_norm": 1.0, "epsilon": 8.0}]
     first, second = run(tmp_path, "a", defenses), run(tmp_path, "b", defenses)
     assert without_time(first) == without_time(second)
-    from defenses.local_dp import LocalDp
+    from fedsim.defenses.local_dp import LocalDp
 
     once = LocalDp(LocalDp.Params(clipping_norm=1.0, epsilon=8.0)).composed_epsilon(1)
     rounds = list(first.metrics())

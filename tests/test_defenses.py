@@ -21,14 +21,14 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses.central_dp import CentralDpAdaptive, CentralDpFixed
-from defenses.dp_sgd import HISTORY_KEY, DpSgd
-from defenses.pruning import TopK
-from fedsim.data import TensorData
-from fedsim.defense import LocalTraining
-from fedsim.errors import UserError
-from fedsim.registry import DEFENSES
-from fedsim.training import LocalHyperParams, LocalResult, train_locally
+from fedsim.defenses.central_dp import CentralDpAdaptive, CentralDpFixed
+from fedsim.defenses.dp_sgd import HISTORY_KEY, DpSgd
+from fedsim.defenses.pruning import TopK
+from fedsim.data.datasets import TensorData
+from fedsim.core.defense import LocalTraining
+from fedsim.core.errors import UserError
+from fedsim.core.registry import DEFENSES
+from fedsim.federation.training import LocalHyperParams, LocalResult, train_locally
 
 N, BATCH, FEATURES, CLASSES = 64, 8, 10, 3
 SAMPLE_RATE = BATCH / N  # Opacus's 1 / len(loader)
@@ -534,7 +534,7 @@ def test_central_dp_matches_flowers_rdp_accountant() -> None:
         SamplingMethod,
     )
 
-    from defenses.central_dp import OpacusRdpAccountant
+    from fedsim.defenses.central_dp import OpacusRdpAccountant
 
     config = PrivacyConfig(
         1e-5, 10, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION

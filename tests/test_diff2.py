@@ -15,7 +15,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from defenses.diff2 import (
+from fedsim.defenses.diff2 import (
     MESSAGE_TYPE,
     PREVIOUS_KEY,
     RELEASE_KEY,
@@ -23,12 +23,12 @@ from defenses.diff2 import (
     private_release,
     sensitivity,
 )
-from fedsim import client
-from fedsim.config import build_scenario
-from fedsim.data import TensorData
-from fedsim.results import RunDirectory
-from fedsim.runner import run_scenario
-from fedsim.simulation import InlineGrid
+from fedsim.federation import client
+from fedsim.core.config import build_scenario
+from fedsim.data.datasets import TensorData
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import run_scenario
+from fedsim.federation.simulation import InlineGrid
 
 DELTA = 1e-5
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from attacks.dlg import DLG, IDLG
-from attacks.gradient_matching import mean_step_gradient
-from attacks.label_inference import idlg_label, last_layer
-from attacks.metrics import (
+from fedsim.attacks.dlg import DLG, IDLG
+from fedsim.attacks.gradient_matching import mean_step_gradient
+from fedsim.attacks.label_inference import idlg_label, last_layer
+from fedsim.evaluation.metrics import (
     MAX_PSNR_DB,
     label_accuracy,
     pair_by_best_match,
@@ -26,9 +26,9 @@ from attacks.metrics import (
     save_image_grid,
     score_images,
 )
-from fedsim.attack import GradientTarget, Reconstruction
-from fedsim.errors import UserError
-from fedsim.registry import ATTACKS, MODELS
+from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.core.errors import UserError
+from fedsim.core.registry import ATTACKS, MODELS
 
 LR = 0.1
 SHAPE = (1, 8, 8)

@@ -1,7 +1,7 @@
 """GIFD and latent-only generative inversion on 8x8 digits against DLG's sigmoid LeNet.
 
 Every target is what an honest-but-curious server sees after one client's SGD step on a
-batch of real digits (fedsim's own client loop, `attacks.targets.from_local_training`). The
+batch of real digits (fedsim's own client loop, `fedsim.attacks.targets.from_local_training`). The
 GAN prior is small and trained briefly so the file stays fast; `scenarios/sweeps/gifd_vs_ig.yaml`
 runs the paper-style comparison (docs/gifd.md).
 """
@@ -15,21 +15,21 @@ import pytest
 import torch
 from rich.console import Console
 
-import attacks.generator
-from attacks.generative_inversion import LatentInversion, LatentParams
-from attacks.generator import Generator, GeneratorParams
-from attacks.gifd import Gifd, GifdParams, L1Ball, LayeredGenerator, project_l1_ball
-from attacks.metrics import score_images
-from attacks.targets import from_local_training
-from fedsim.attack import AuxiliaryData, GradientTarget
-from fedsim.config import DataConfig, build_scenario
-from fedsim.data import FederatedData, TensorData, federated_data
-from fedsim.errors import UserError
-from fedsim.registry import MODELS
-from fedsim.results import read_json
-from fedsim.runner import run_scenario
-from fedsim.seeding import public_seed
-from fedsim.training import LocalHyperParams
+import fedsim.attacks.generator
+from fedsim.attacks.generative_inversion import LatentInversion, LatentParams
+from fedsim.attacks.generator import Generator, GeneratorParams
+from fedsim.attacks.gifd import Gifd, GifdParams, L1Ball, LayeredGenerator, project_l1_ball
+from fedsim.evaluation.metrics import score_images
+from fedsim.attacks.targets import from_local_training
+from fedsim.core.attack import AuxiliaryData, GradientTarget
+from fedsim.core.config import DataConfig, build_scenario
+from fedsim.data.datasets import FederatedData, TensorData, federated_data
+from fedsim.core.errors import UserError
+from fedsim.core.registry import MODELS
+from fedsim.core.results import read_json
+from fedsim.pipeline.runner import run_scenario
+from fedsim.core.seeding import public_seed
+from fedsim.federation.training import LocalHyperParams
 
 SMALL_GAN = GeneratorParams(latent_dim=32, width=32, steps=1000, batch_size=32)
 QUICK_GAN = SMALL_GAN.model_copy(update={"steps": 100})
@@ -156,13 +156,13 @@ def test_the_generator_is_trained_once_and_reused(
     aux: AuxiliaryData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trainings: list[int] = []
-    train = attacks.generator.train_gan
+    train = fedsim.attacks.generator.train_gan
 
     def counted(*args: object, **kwargs: object) -> None:
         trainings.append(1)
         train(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(attacks.generator, "train_gan", counted)
+    monkeypatch.setattr(fedsim.attacks.generator, "train_gan", counted)
     first = Gifd(GifdParams(generator=QUICK_GAN), seed=1)
     first.prepare(aux, tmp_path, QUIET)
     assert len(trainings) == 1
@@ -195,7 +195,7 @@ def test_out_of_distribution_prior_trains_on_the_public_classes_only(
         seen.append(images)
         return Generator(SMALL_GAN.latent_dim, SMALL_GAN.width, images.shape[1:]).eval(), None
 
-    monkeypatch.setattr("attacks.generative_inversion.train_or_load_generator", spy)
+    monkeypatch.setattr("fedsim.attacks.generative_inversion.train_or_load_generator", spy)
     Gifd(GifdParams(generator=SMALL_GAN, prior_data="public")).prepare(ood, tmp_path, QUIET)
     assert seen[0] is ood.public_x
     assert set(ood.public_y.tolist()) == {5, 6, 7, 8, 9}

@@ -1,7 +1,7 @@
 """Gradient inversion suite: the shared maths, batched L-BFGS, label inference, IG, FedAvg-update
 inversion, vectorised restarts/targets, the runner's threat-model honesty and the CLI filters.
 
-Targets come from fedsim's own client loop (`attacks.targets.from_local_training`) on real
+Targets come from fedsim's own client loop (`fedsim.attacks.targets.from_local_training`) on real
 8x8 digits; attacks only ever get the `GradientTarget`, the truth is used to score.
 """
 
@@ -23,10 +23,10 @@ from rich.console import Console
 from sklearn.datasets import load_digits
 from torch import nn
 
-from attacks.batched_lbfgs import BatchedLBFGS
-from attacks.dlg import DLG
-from attacks.fedavg_inversion import FedAvgInversion, local_schedule, unrolled_update
-from attacks.gradient_matching import (
+from fedsim.attacks.batched_lbfgs import BatchedLBFGS
+from fedsim.attacks.dlg import DLG
+from fedsim.attacks.fedavg_inversion import FedAvgInversion, local_schedule, unrolled_update
+from fedsim.attacks.gradient_matching import (
     FunctionalModel,
     MatchingProblem,
     cosine_distance,
@@ -35,25 +35,25 @@ from attacks.gradient_matching import (
     one_gradient,
     total_variation,
 )
-from attacks.inverting_gradients import InvertingGradients
-from attacks.label_inference import (
+from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.attacks.label_inference import (
     estimated_scale,
     infer_labels,
     labels_from_counts,
     last_layer,
     mean_prediction,
 )
-from attacks.metrics import label_accuracy, score_images
-from attacks.targets import from_gradient, from_local_training
-from fedsim.attack import GradientTarget
-from fedsim.config import build_scenario
-from fedsim.data import FederatedData, TensorData
-from fedsim.errors import UserError
-from fedsim.observer import load_ground_truth
-from fedsim.registry import ATTACKS, MODELS
-from fedsim.results import RunDirectory
-from fedsim.runner import attack_run, load_run_scenario, run_scenario
-from fedsim.training import LocalHyperParams, make_loader
+from fedsim.evaluation.metrics import label_accuracy, score_images
+from fedsim.attacks.targets import from_gradient, from_local_training
+from fedsim.core.attack import GradientTarget
+from fedsim.core.config import build_scenario
+from fedsim.data.datasets import FederatedData, TensorData
+from fedsim.core.errors import UserError
+from fedsim.federation.observer import load_ground_truth
+from fedsim.core.registry import ATTACKS, MODELS
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import attack_run, load_run_scenario, run_scenario
+from fedsim.federation.training import LocalHyperParams, make_loader
 
 SHAPE = (1, 8, 8)
 
@@ -347,14 +347,14 @@ def test_cli_round_and_client_filters_and_one_line_errors(recorded_run: Path, tm
 def test_lpips_is_left_out_cleanly_without_torchvision(caplog: pytest.LogCaptureFixture) -> None:
     from importlib.util import find_spec
 
-    from attacks.metrics import lpips_input, lpips_metric
+    from fedsim.evaluation.metrics import lpips_input, lpips_metric
 
     truth = torch.rand((2, *SHAPE))
     assert lpips_input(truth).shape == (2, 3, 64, 64)  # grey 8x8 digits -> RGB 64x64
     if find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: LPIPS may be available")
     lpips_metric.cache_clear()
-    with caplog.at_level("INFO", logger="attacks.metrics"):
+    with caplog.at_level("INFO", logger="fedsim.evaluation.metrics"):
         scores = [score_images(truth, truth, torch.zeros(2), torch.zeros(2)) for _ in range(2)]
     assert all("lpips" not in s and s["psnr"] == 100.0 for s in scores)
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1

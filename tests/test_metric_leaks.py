@@ -11,12 +11,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from defenses.diff2 import MESSAGE_TYPE, RELEASE_KEY, DpGd
-from fedsim import client, privacy
-from fedsim.config import build_scenario
-from fedsim.defense import build_defenses
-from fedsim.server import train_config
-from fedsim.simulation import InlineGrid
+from fedsim.defenses.diff2 import MESSAGE_TYPE, RELEASE_KEY, DpGd
+from fedsim.federation import client
+from fedsim.core import privacy
+from fedsim.core.config import build_scenario
+from fedsim.core.defense import build_defenses
+from fedsim.federation.server import train_config
+from fedsim.federation.simulation import InlineGrid
 
 LEAKS = ("train-loss", "mid_kl")
 

@@ -20,22 +20,22 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch.distributions import Normal, kl_divergence
 
-import attacks.generator as generator_module
-import attacks.mi_evaluation as evaluation_module
-from attacks.generator import GeneratorParams, train_or_load_generator
-from attacks.mi_evaluation import EvaluationClassifier
-from defenses.dp_sgd import DpSgd
-from defenses.mid import InformationBottleneck, Mid, bottlenecks
-from fedsim.attack import Attack, ModelTarget
-from fedsim.config import DataConfig, build_scenario
-from fedsim.data import FederatedData
-from fedsim.defense import LocalTraining
-from fedsim.errors import UserError
+import fedsim.attacks.generator as generator_module
+import fedsim.evaluation.mi_evaluation as evaluation_module
+from fedsim.attacks.generator import GeneratorParams, train_or_load_generator
+from fedsim.evaluation.mi_evaluation import EvaluationClassifier
+from fedsim.defenses.dp_sgd import DpSgd
+from fedsim.defenses.mid import InformationBottleneck, Mid, bottlenecks
+from fedsim.core.attack import Attack, ModelTarget
+from fedsim.core.config import DataConfig, build_scenario
+from fedsim.data.datasets import FederatedData
+from fedsim.core.defense import LocalTraining
+from fedsim.core.errors import UserError
 from fedsim.models import build_model, federated_model
-from fedsim.results import RunDirectory, read_json
-from fedsim.runner import run_scenario
-from fedsim.seeding import torch_generator
-from fedsim.training import LocalHyperParams, train_locally
+from fedsim.core.results import RunDirectory, read_json
+from fedsim.pipeline.runner import run_scenario
+from fedsim.core.seeding import torch_generator
+from fedsim.federation.training import LocalHyperParams, train_locally
 
 PRIVATE, PUBLIC = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 CHANCE = 1 / len(PRIVATE)
@@ -305,7 +305,7 @@ def test_the_attacker_never_gets_the_evaluator(
 
     monkeypatch.setattr(EvaluationClassifier, "__init__", spy_init)
     monkeypatch.setattr(EvaluationClassifier, "score", spy_score)
-    from attacks.model_inversion import MiFace
+    from fedsim.attacks.model_inversion import MiFace
 
     monkeypatch.setattr(MiFace, "reconstruct", during_attack(MiFace.reconstruct))
     monkeypatch.setattr(MiFace, "prepare", during_attack(MiFace.prepare))
@@ -339,8 +339,8 @@ def test_a_fixed_seed_reproduces_attack_accuracy_and_a_rerun_resumes(
         raise AssertionError("a finished class was attacked again")
 
     monkeypatch.setattr(evaluation_module, "train_classifier", never)
-    from attacks.gmi import Gmi
-    from attacks.model_inversion import MiFace
+    from fedsim.attacks.gmi import Gmi
+    from fedsim.attacks.model_inversion import MiFace
 
     monkeypatch.setattr(MiFace, "reconstruct", never)
     monkeypatch.setattr(Gmi, "reconstruct", never)
@@ -348,9 +348,9 @@ def test_a_fixed_seed_reproduces_attack_accuracy_and_a_rerun_resumes(
 
 
 def test_bad_model_inversion_input_is_one_line(baseline: RunDirectory, tmp_path: Path) -> None:
-    from fedsim.model_leakage import attack_model
-    from fedsim.registry import ATTACKS
-    from fedsim.runner import load_run_scenario
+    from fedsim.pipeline.model_leakage import attack_model
+    from fedsim.core.registry import ATTACKS
+    from fedsim.pipeline.runner import load_run_scenario
 
     scenario = load_run_scenario(baseline)
     same = build_scenario(
@@ -409,7 +409,7 @@ def test_mid_costs_little_accuracy_and_does_not_stop_the_attacks_here(
 
 
 def test_ked_mi_attacks_an_existing_run_with_a_target_distilled_gan(baseline: RunDirectory) -> None:
-    from fedsim.runner import attack_run, load_run_scenario, write_summary
+    from fedsim.pipeline.runner import attack_run, load_run_scenario, write_summary
 
     scenario = load_run_scenario(baseline)
     raw = scenario.model_dump(mode="json") | {

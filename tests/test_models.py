@@ -10,9 +10,9 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedsim.config import build_scenario
-from fedsim.errors import UserError
-from fedsim.registry import MODELS
+from fedsim.core.config import build_scenario
+from fedsim.core.errors import UserError
+from fedsim.core.registry import MODELS
 
 torch.set_num_threads(1)
 

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 from pydantic import BaseModel
 
-from fedsim import privacy
-from fedsim.defense import Defense, PrivacyUnit, Stage
-from fedsim.report_figures import accuracy_vs_epsilon, rounds_figure
-from fedsim.results import RunDirectory, atomic_write_json
-from fedsim.runner import write_summary
-from fedsim.sweep import summary_table
-from fedsim.sweep_table import MANIFEST, load_results, seed_summary
+from fedsim.core import privacy
+from fedsim.core.defense import Defense, PrivacyUnit, Stage
+from fedsim.reporting.report_figures import accuracy_vs_epsilon, rounds_figure
+from fedsim.core.results import RunDirectory, atomic_write_json
+from fedsim.pipeline.runner import write_summary
+from fedsim.experiments.sweep import summary_table
+from fedsim.experiments.sweep_table import MANIFEST, load_results, seed_summary
 
 EXAMPLE = PrivacyUnit("example", "add/remove", 1e-5, "prv")
 CENTRAL = PrivacyUnit("client", "add/remove", 1e-3, "gaussian")
@@ -176,9 +176,9 @@ def test_a_real_run_records_its_epsilon_with_the_unit_its_defense_states(
     DP-SGD's unit fixed here so the test does not depend on what dp_sgd states."""
     from rich.console import Console
 
-    from defenses.dp_sgd import DpSgd
-    from fedsim.config import build_scenario
-    from fedsim.runner import run_scenario
+    from fedsim.defenses.dp_sgd import DpSgd
+    from fedsim.core.config import build_scenario
+    from fedsim.pipeline.runner import run_scenario
 
     monkeypatch.setattr(DpSgd, "privacy_unit", lambda self: EXAMPLE)
     scenario = build_scenario(

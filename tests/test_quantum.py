@@ -20,26 +20,26 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from attacks.quantum_landscape import (
+from fedsim.attacks.quantum_landscape import (
     QuantumGridScan,
     feature_grid,
     grid_size,
     local_minima,
     loss_on_grid,
 )
-from attacks.quantum_learned import QuantumLearned
-from attacks.quantum_matching import QuantumGradientMatching, local_search
-from attacks.quantum_oracle import QuantumGradientOracle, circular_distance
-from defenses.dp_sgd import DpSgd
-from fedsim.attack import GradientTarget
-from fedsim.config import build_scenario
-from fedsim.data import FederatedData, TensorData
-from fedsim.defense import LocalTraining
-from fedsim.errors import UserError
+from fedsim.attacks.quantum_learned import QuantumLearned
+from fedsim.attacks.quantum_matching import QuantumGradientMatching, local_search
+from fedsim.attacks.quantum_oracle import QuantumGradientOracle, circular_distance
+from fedsim.defenses.dp_sgd import DpSgd
+from fedsim.core.attack import GradientTarget
+from fedsim.core.config import build_scenario
+from fedsim.data.datasets import FederatedData, TensorData
+from fedsim.core.defense import LocalTraining
+from fedsim.core.errors import UserError
 from fedsim.models.quantum import VQC, Hybrid
-from fedsim.registry import DATASETS
-from fedsim.runner import run_scenario
-from fedsim.training import SquaredError, evaluate
+from fedsim.core.registry import DATASETS
+from fedsim.pipeline.runner import run_scenario
+from fedsim.federation.training import SquaredError, evaluate
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Secure RNG turned off",
@@ -190,7 +190,7 @@ def test_digits_features_and_regression_dataset() -> None:
 
 
 def test_regression_refuses_label_partitioners_and_scores_r2() -> None:
-    from fedsim.config import DataConfig
+    from fedsim.core.config import DataConfig
 
     with pytest.raises(UserError, match="use partitioner iid"):
         FederatedData(DataConfig(dataset="regression", partitioner="dirichlet"), 0)

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from cli_helpers import run_cli
 
-from fedsim.report_figures import pareto_front
-from fedsim.sweep_table import load_results, mean_std, seed_summary
+from fedsim.reporting.report_figures import pareto_front
+from fedsim.experiments.sweep_table import load_results, mean_std, seed_summary
 
 SCENARIO = {
     "name": "report",

@@ -9,12 +9,12 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from fedsim.config import build_scenario
-from fedsim.data import federated_data
-from fedsim.errors import UserError
-from fedsim.observer import AGGREGATE_CLIENT, Observation, load_observations
-from fedsim.results import RunDirectory, read_json
-from fedsim.runner import gradient_target, ground_truth, run_scenario
+from fedsim.core.config import build_scenario
+from fedsim.data.datasets import federated_data
+from fedsim.core.errors import UserError
+from fedsim.federation.observer import AGGREGATE_CLIENT, Observation, load_observations
+from fedsim.core.results import RunDirectory, read_json
+from fedsim.pipeline.runner import gradient_target, ground_truth, run_scenario
 
 CLIENTS = 4
 MAX_WEIGHT = 500.0

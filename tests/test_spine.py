@@ -12,16 +12,16 @@ import pytest
 import torch
 import yaml
 
-from fedsim.config import build_scenario
-from fedsim.data import federated_data
-from fedsim.defense import LocalTraining
+from fedsim.core.config import build_scenario
+from fedsim.data.datasets import federated_data
+from fedsim.core.defense import LocalTraining
 from fedsim.models import build_model
-from fedsim.observer import load_ground_truth, load_observations
-from fedsim.results import RunDirectory
-from fedsim.runner import run_scenario
-from fedsim.sampling import draw_cohort
-from fedsim.seeding import client_secret, public_seed, torch_generator
-from fedsim.training import train_locally
+from fedsim.federation.observer import load_ground_truth, load_observations
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import run_scenario
+from fedsim.federation.sampling import draw_cohort
+from fedsim.core.seeding import client_secret, public_seed, torch_generator
+from fedsim.federation.training import train_locally
 
 
 def tiny(tmp_path: Path, **changes: object) -> dict:

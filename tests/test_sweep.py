@@ -19,11 +19,11 @@ import yaml
 from cli_helpers import run_cli
 from rich.console import Console
 
-from fedsim.errors import UserError
-from fedsim.results import RunDirectory, read_json
-from fedsim.runner import run_scenario
-from fedsim.sweep_spec import load_sweep
-from fedsim.sweep_table import load_results
+from fedsim.core.errors import UserError
+from fedsim.core.results import RunDirectory, read_json
+from fedsim.pipeline.runner import run_scenario
+from fedsim.experiments.sweep_spec import load_sweep
+from fedsim.experiments.sweep_table import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

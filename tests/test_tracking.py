@@ -12,8 +12,8 @@ import yaml
 from cli_helpers import run_cli
 from test_sweep import TINY as SWEEP_TINY
 
-from fedsim.results import read_json
-from fedsim.sweep_table import load_results
+from fedsim.core.results import read_json
+from fedsim.experiments.sweep_table import load_results
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -22,13 +22,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from defenses.central_dp import CentralDpAdaptiveClient, CentralDpFixedClient
-from defenses.clipping import NormClip
-from defenses.local_dp import LocalDp
-from defenses.noise import GaussianNoise, LaplaceNoise
-from defenses.quantisation import Quantize
-from fedsim.registry import DEFENSES
-from fedsim.seeding import numpy_global_seed
+from fedsim.defenses.central_dp import CentralDpAdaptiveClient, CentralDpFixedClient
+from fedsim.defenses.clipping import NormClip
+from fedsim.defenses.local_dp import LocalDp
+from fedsim.defenses.noise import GaussianNoise, LaplaceNoise
+from fedsim.defenses.quantisation import Quantize
+from fedsim.core.registry import DEFENSES
+from fedsim.core.seeding import numpy_global_seed
 
 
 def update(scale: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Model factories: classical (and quantum, when PennyLane is installed).
 
-Importing this package registers every model in `fedsim.registry.MODELS`. The quantum
+Importing this package registers every model in `fedsim.core.registry.MODELS`. The quantum
 models are optional: they load only when PennyLane is installed and `quantum.py` exists.
 """
 
@@ -14,7 +14,7 @@ from fedsim.models import classical  # noqa: F401  (registers the classical mode
 if TYPE_CHECKING:
     from torch import nn
 
-    from fedsim.config import PluginSpec, Scenario
+    from fedsim.core.config import PluginSpec, Scenario
 
 if find_spec("pennylane") is not None and (Path(__file__).parent / "quantum.py").exists():
     import_module("fedsim.models.quantum")
@@ -25,7 +25,7 @@ def build_model(spec: "PluginSpec", input_shape: tuple[int, ...], num_classes: i
 
     A regression dataset (num_classes 0) gets a model with one output.
     """
-    from fedsim.registry import MODELS
+    from fedsim.core.registry import MODELS
 
     return MODELS.get(spec.name)(spec.params, tuple(input_shape), num_classes or 1)
 
@@ -33,7 +33,7 @@ def build_model(spec: "PluginSpec", input_shape: tuple[int, ...], num_classes: i
 def federated_model(scenario: "Scenario", input_shape: tuple[int, ...], num_classes: int) -> "nn.Module":
     """The model every party builds: the scenario's model, wrapped by each defense that
     changes the architecture (e.g. an information-bottleneck head), in scenario order."""
-    from fedsim.defense import build_defenses
+    from fedsim.core.defense import build_defenses
 
     model = build_model(scenario.model, input_shape, num_classes)
     for defense in build_defenses(scenario.defenses):

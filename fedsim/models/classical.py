@@ -1,6 +1,6 @@
 """Classical PyTorch models: an MLP, DLG's LeNet, a small ConvNet and CIFAR-style ResNets.
 
-Every model is registered in `fedsim.registry.MODELS` and built as
+Every model is registered in `fedsim.core.registry.MODELS` and built as
 `Model(params, input_shape, num_classes)`: `input_shape` is one example's shape as the
 dataset gives it, (C, H, W) for images or (F,) for feature vectors, with values in [0, 1];
 the forward pass returns logits of shape (batch, num_classes). Nothing here draws random
@@ -17,8 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedsim.errors import UserError
-from fedsim.registry import MODELS
+from fedsim.core.errors import UserError
+from fedsim.core.registry import MODELS
 
 Activation = Literal["relu", "sigmoid", "tanh"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedsim.errors import UserError
+from fedsim.core.errors import UserError
 
 
 def classifier_head(model: nn.Module, who: str) -> tuple[str, nn.Linear]:

@@ -27,10 +27,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedsim.errors import UserError
+from fedsim.core.errors import UserError
 from fedsim.models.circuits import Circuit, CircuitParams, qubit_count, weight_shape
 from fedsim.models.classical import MLP, Activation
-from fedsim.registry import MODELS
+from fedsim.core.registry import MODELS
 
 log = logging.getLogger("fedsim")
 MAX_QUBITS = 20

@@ -3,14 +3,14 @@
 Cells run in worker processes (spawned, one torch thread each, `workers` at a time) or, with
 `ray_address`, as tasks on an existing Ray cluster. A cell is finished when its summary.json
 exists. Rerunning the same sweep skips finished cells and hands the others to
-`fedsim.runner.run_scenario`, which resumes per stage: a half-done training restarts cleanly,
+`fedsim.pipeline.runner.run_scenario`, which resumes per stage: a half-done training restarts cleanly,
 finished attacks are kept. Nothing is written twice at once: on Linux the workers die with
 the sweep process (PR_SET_PDEATHSIG), and lock files keep a second sweep out of the sweep
 directory and any process out of a cell another one is still writing.
 
 Sweep directory (`output/name/`): `sweep.yaml` (the sweep as run), `cells.json` (axes and
 cells, in order), one run directory per cell (plus its `log.txt`), and the results table
-`results.csv` / `results.parquet` (see `fedsim.sweep_table`).
+`results.csv` / `results.parquet` (see `fedsim.experiments.sweep_table`).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fedsim.config import build_scenario
-from fedsim.device import set_threads
-from fedsim.errors import UserError
-from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
-from fedsim.sweep_spec import Cell, Sweep, SweepFile, plain, short_names, value_text
-from fedsim.sweep_table import (
+from fedsim.core.config import build_scenario
+from fedsim.core.device import set_threads
+from fedsim.core.errors import UserError
+from fedsim.core.results import RunDirectory, atomic_write_bytes, atomic_write_json
+from fedsim.experiments.sweep_spec import Cell, Sweep, SweepFile, plain, short_names, value_text
+from fedsim.experiments.sweep_table import (
     ERROR_FILE,
     MANIFEST,
     PRIVACY,
@@ -62,7 +62,7 @@ from fedsim.sweep_table import (
     seed_summary,
     write_results,
 )
-from fedsim.tracking import MlflowTracker
+from fedsim.experiments.tracking import MlflowTracker
 
 LOCK = ".lock"
 LOG = "log.txt"
@@ -115,7 +115,7 @@ def cell_log(path: Path) -> Iterator[Console]:
 
 def run_cell(raw_scenario: dict[str, Any], run_dir: str) -> str | None:
     """Run (or resume) one cell in this process: None when it finished, else the error line."""
-    from fedsim.runner import run_scenario
+    from fedsim.pipeline.runner import run_scenario
 
     root = Path(run_dir)
     with exclusive(root / LOCK, f"cell '{root.name}'"):

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.data import TensorData
-from fedsim.defense import LocalTraining, TrainTimeDefense
+from fedsim.data.datasets import TensorData
+from fedsim.core.defense import LocalTraining, TrainTimeDefense
 
 
 @dataclass(frozen=True)

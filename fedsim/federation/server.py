@@ -18,18 +18,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save
 
-from fedsim import privacy
-from fedsim.client import SCENARIO_KEY
-from fedsim.config import Scenario, load_scenario
-from fedsim.data import federated_data
-from fedsim.defense import ServerTimeDefense, build_defenses
+from fedsim.core import privacy
+from fedsim.federation.protocol import SCENARIO_KEY
+from fedsim.core.config import Scenario, load_scenario
+from fedsim.data.datasets import federated_data
+from fedsim.core.defense import ServerTimeDefense, build_defenses
 from fedsim.models import federated_model
-from fedsim.observer import ObservingGrid
-from fedsim.registry import STRATEGIES
-from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
-from fedsim.sampling import SeededCohorts
-from fedsim.seeding import numpy_global_seed
-from fedsim.training import LocalHyperParams, evaluate
+from fedsim.federation.observer import ObservingGrid
+from fedsim.core.registry import STRATEGIES
+from fedsim.core.results import (
+    RunDirectory,
+    atomic_write_bytes,
+    atomic_write_json,
+    prepare_run_directory,
+)
+from fedsim.federation.sampling import SeededCohorts
+from fedsim.core.seeding import numpy_global_seed
+from fedsim.federation.training import LocalHyperParams, evaluate
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -164,8 +169,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry for `flwr run .`: run config keys `scenario` (a file) and optional `run-dir`."""
-    from fedsim.runner import prepare_run_directory
-
     scenario = load_scenario(Path(str(context.run_config["scenario"])))
     run = prepare_run_directory(scenario, str(context.run_config.get("run-dir", "")) or None)
     if not run.training_done:

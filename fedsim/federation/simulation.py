@@ -1,6 +1,6 @@
 """How a federation is executed: the one module that knows Flower's engines.
 
-Two engines run the same ServerApp (`fedsim.server`) and ClientApp (`fedsim.client`):
+Two engines run the same ServerApp (`fedsim.federation.server`) and ClientApp (`fedsim.federation.client`):
 
 - `inline`: `InlineGrid` calls the ClientApp directly in this process, node after node.
   No Ray start-up and no serialisation, so small studies and tests run in seconds; client
@@ -10,11 +10,11 @@ Two engines run the same ServerApp (`fedsim.server`) and ClientApp (`fedsim.clie
   existing cluster (`ray_address`).
 
 Both give every simulated node its secret (`SecretNodes`): the one value, never sent, from
-which the node draws all its randomness (see `fedsim.seeding`). The server gets the scenario
+which the node draws all its randomness (see `fedsim.core.seeding`). The server gets the scenario
 and keeps only its public part.
 
-The deployment engine needs nothing here: `flwr run .` loads `fedsim.server:app` and
-`fedsim.client:app` as declared in pyproject.toml (a node's secret is then its operator's
+The deployment engine needs nothing here: `flwr run .` loads `fedsim.federation.server:app` and
+`fedsim.federation.client:app` as declared in pyproject.toml (a node's secret is then its operator's
 `fedsim-secret` node config, or OS entropy). When Flower changes its engine API, this is the
 file to update.
 """
@@ -37,11 +37,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim import client
-from fedsim.config import Scenario
-from fedsim.results import RunDirectory
-from fedsim.seeding import SECRET_KEY, client_secret
-from fedsim.server import RoundCallback, make_server_app, serve
+from fedsim.federation import client
+from fedsim.core.config import Scenario
+from fedsim.core.results import RunDirectory
+from fedsim.core.seeding import SECRET_KEY, client_secret
+from fedsim.federation.server import RoundCallback, make_server_app, serve
 
 log = logging.getLogger("fedsim")
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedsim.defense import Defense, PrivacyUnit
+from fedsim.core.defense import Defense, PrivacyUnit
 
 KINDS = ("example", "client", "local", "unstated")
 
@@ -62,7 +62,7 @@ def claims(
 ) -> list[Claim]:
     """The scenario's epsilon claims: a server-time defense's round metric is recorded as
     `central_<metric>`, a client's (train/update-time defense, mod, private strategy) as
-    `max_client_<metric>` (see `fedsim.server`). With `training.clear_text_metrics` a
+    `max_client_<metric>` (see `fedsim.federation.server`). With `training.clear_text_metrics` a
     client's claim says it does not cover the plain metrics the client then sends."""
 
     def client_unit(unit: PrivacyUnit) -> PrivacyUnit:

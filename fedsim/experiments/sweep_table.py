@@ -6,7 +6,7 @@ column per swept field (named by its dotted path; lists and mappings as JSON tex
 (one column per kind of guarantee, never mixed on one axis: `epsilon_example` (DP-SGD, DP-GD,
 DIFF2), `epsilon_client` (central DP), `epsilon_local` (local DP), `epsilon_unstated` (a
 defense that states no unit), each with a text column `epsilon_<kind>_unit` naming level,
-relation, delta, accountant and defense; see `fedsim.privacy`), leakage per attack
+relation, delta, accountant and defense; see `fedsim.core.privacy`), leakage per attack
 (`<attack>_psnr`, `<attack>_ssim`, `<attack>_label_accuracy`,
 means over the attacked observations), `wall_time_s` (training plus attacks) and `run_dir`.
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import pandas as pd
 
-from fedsim.errors import UserError
-from fedsim.privacy import KINDS, by_kind
-from fedsim.results import RunDirectory, atomic_write_bytes, read_json
+from fedsim.core.errors import UserError
+from fedsim.core.privacy import KINDS, by_kind
+from fedsim.core.results import RunDirectory, atomic_write_bytes, read_json
 
 MANIFEST = "cells.json"
 """Written by `fedsim sweep` into the sweep directory: its axes and cells, in order."""

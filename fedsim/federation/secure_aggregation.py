@@ -42,11 +42,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedsim.errors import UserError
-from fedsim.seeding import node_secret, numpy_global_seed
+from fedsim.core.errors import UserError
+from fedsim.core.seeding import node_secret, numpy_global_seed
+from fedsim.federation.protocol import ARRAY_NAMES_KEY, ROUNDING_SEED_KEY
 
-ARRAY_NAMES_KEY = "fedsim.array-names"
-ROUNDING_SEED_KEY = "fedsim.secagg-rounding-seed"
 FITINS_CONFIG = "fitins.config"
 
 

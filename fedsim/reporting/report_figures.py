@@ -1,6 +1,6 @@
 """The report's plots (matplotlib, Agg canvas, no pyplot state), from a seed summary table.
 
-Every plot takes `fedsim.sweep_table.seed_summary` output: one row per combination of axis
+Every plot takes `fedsim.experiments.sweep_table.seed_summary` output: one row per combination of axis
 values, metric means in column M and the spread over seeds in M_std (drawn as error bars).
 """
 
@@ -17,8 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedsim.sweep_spec import short_names
-from fedsim.sweep_table import LEAKAGE, MODEL_LEAKAGE, PRIVACY
+from fedsim.experiments.sweep_spec import short_names
+from fedsim.experiments.sweep_table import LEAKAGE, MODEL_LEAKAGE, PRIVACY
 
 LEAKAGE_LABELS = {
     "psnr": "PSNR (dB)",

@@ -5,7 +5,7 @@ Layout (`runs/<scenario-name>/<run-id>/`):
 
     scenario.yaml          the resolved scenario (every default filled in)
     metrics.jsonl          one JSON line per round, appended as the round ends
-    observations/          what the honest-but-curious server saw (see fedsim.observer)
+    observations/          what the honest-but-curious server saw (see fedsim.federation.observer)
     ground_truth/          simulation-only: which examples each observed client used
     model.safetensors      the final global model
     training.json          written last by training: marks training complete
@@ -15,14 +15,19 @@ Layout (`runs/<scenario-name>/<run-id>/`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsim.errors import UserError
+from fedsim.core.errors import UserError
+
+if TYPE_CHECKING:
+    from fedsim.core.config import Scenario
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -90,3 +95,24 @@ class RunDirectory:
             for line in self.metrics_path.read_text().splitlines():
                 if line.strip():
                     yield json.loads(line)
+
+
+def scenario_hash(scenario: Scenario) -> str:
+    return hashlib.sha256(scenario.to_yaml().encode()).hexdigest()[:8]
+
+
+def prepare_run_directory(scenario: Scenario, run_dir: str | Path | None = None) -> RunDirectory:
+    """A new run directory, or `run_dir` to resume if it holds this same scenario."""
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = scenario.output.dir / scenario.name / f"{stamp}-{scenario_hash(scenario)}"
+    run = RunDirectory(run_dir)
+    if run.scenario_path.exists():
+        if run.scenario_path.read_text() != scenario.to_yaml():
+            raise UserError(
+                f"'{run.root}' holds a different scenario; pick another --run-dir "
+                "or use `fedsim attack` to attack an existing run"
+            )
+        return run
+    atomic_write_bytes(run.scenario_path, scenario.to_yaml().encode())
+    return run

@@ -7,10 +7,8 @@ on an observation is not recomputed, and a half-done training restarts cleanly.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import replace
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,45 +17,30 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from attacks.metrics import (
+from fedsim.evaluation.metrics import (
     SUMMARY_KEYS,
     describe_scores,
     save_image_grid,
     score_reconstruction,
 )
-from fedsim import model_leakage
-from fedsim.attack import Attack, AuxiliaryData, GradientTarget
-from fedsim.config import PluginSpec, Scenario, build_scenario, read_yaml
-from fedsim.data import FederatedData, federated_data
-from fedsim.device import set_threads
-from fedsim.errors import UserError
+from fedsim.pipeline import model_leakage
+from fedsim.core.attack import Attack, AuxiliaryData, GradientTarget
+from fedsim.core.config import PluginSpec, Scenario, build_scenario, read_yaml
+from fedsim.data.datasets import FederatedData, federated_data
+from fedsim.core.device import set_threads
+from fedsim.core.errors import UserError
 from fedsim.models import federated_model
-from fedsim.observer import Observation, load_observations, observed_batches
-from fedsim.registry import ATTACKS
-from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json, read_json
-from fedsim.seeding import derive_seed
-from fedsim.simulation import run_federation
-
-
-def scenario_hash(scenario: Scenario) -> str:
-    return hashlib.sha256(scenario.to_yaml().encode()).hexdigest()[:8]
-
-
-def prepare_run_directory(scenario: Scenario, run_dir: str | Path | None = None) -> RunDirectory:
-    """A new run directory, or `run_dir` to resume if it holds this same scenario."""
-    if run_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = scenario.output.dir / scenario.name / f"{stamp}-{scenario_hash(scenario)}"
-    run = RunDirectory(run_dir)
-    if run.scenario_path.exists():
-        if run.scenario_path.read_text() != scenario.to_yaml():
-            raise UserError(
-                f"'{run.root}' holds a different scenario; pick another --run-dir "
-                "or use `fedsim attack` to attack an existing run"
-            )
-        return run
-    atomic_write_bytes(run.scenario_path, scenario.to_yaml().encode())
-    return run
+from fedsim.federation.observer import Observation, load_observations, observed_batches
+from fedsim.core.registry import ATTACKS
+from fedsim.core.results import (
+    RunDirectory,
+    atomic_write_bytes,
+    atomic_write_json,
+    prepare_run_directory,
+    read_json,
+)
+from fedsim.core.seeding import derive_seed
+from fedsim.federation.simulation import run_federation
 
 
 def load_run_scenario(run: RunDirectory) -> Scenario:
@@ -269,7 +252,7 @@ def attack_observations(
 
 
 ATTACK_STAGES = {"gradient": attack_observations, "model": model_leakage.attack_model}
-"""How each kind of attack target is built and scored (see `fedsim.attack`)."""
+"""How each kind of attack target is built and scored (see `fedsim.core.attack`)."""
 
 
 def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
@@ -280,7 +263,7 @@ def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
         "scenario": scenario.name,
         "run_dir": str(run.root),
         "training": read_json(run.training_path) if run.training_done else None,
-        # each epsilon with its unit, as the server recorded it (see `fedsim.privacy`)
+        # each epsilon with its unit, as the server recorded it (see `fedsim.core.privacy`)
         "privacy": last.get("privacy", []),
         "defenses": [d.model_dump(mode="json") for d in scenario.defenses],
         "attacks": {},

@@ -1,6 +1,6 @@
 """The three points where a defense can act, as small abstract hooks.
 
-A defense is one class registered in `fedsim.registry.DEFENSES` that subclasses exactly one of:
+A defense is one class registered in `fedsim.core.registry.DEFENSES` that subclasses exactly one of:
 
 - `TrainTimeDefense`: changes a client's local training (DP-SGD, MID's loss, ...);
 - `UpdateTimeDefense`: transforms the update a client sends (pruning, noise, quantisation);
@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
-    from fedsim.config import Scenario
+    from fedsim.core.config import Scenario
 
 Stage = Literal["train", "update", "server"]
 Level = Literal["example", "client"]
@@ -178,6 +178,6 @@ class ServerTimeDefense(Defense):
 
 def build_defenses(specs: list[Any]) -> list[Defense]:
     """Instantiate the scenario's defense specs (name + validated params) in order."""
-    from fedsim.registry import DEFENSES
+    from fedsim.core.registry import DEFENSES
 
     return [DEFENSES.get(spec.name)(spec.params) for spec in specs]

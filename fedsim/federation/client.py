@@ -5,7 +5,7 @@ hyper-parameters, so a client needs nothing but the message: it runs the same un
 inline engine, Flower's Ray simulation, a Ray cluster and `flwr run`. The client's partition
 is `node_config["partition-id"]`, as Flower's simulation assigns it. The scenario a message
 carries holds only the public seed; every client-side random draw comes from the node's
-secret instead (`fedsim-secret` in the node config, see `fedsim.seeding`).
+secret instead (`fedsim-secret` in the node config, see `fedsim.core.seeding`).
 
 Replies carry one simulation-only record, `fedsim.truth` (the indices of the examples the
 client trained on, in order). The server's observer strips it from every reply before the
@@ -27,24 +27,22 @@ from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedsim.config import Scenario, build_scenario
-from fedsim.data import FederatedData, federated_data
-from fedsim.defense import (
+from fedsim.core.config import Scenario, build_scenario
+from fedsim.data.datasets import FederatedData, federated_data
+from fedsim.core.defense import (
     Defense,
     LocalTraining,
     TrainTimeDefense,
     UpdateTimeDefense,
     build_defenses,
 )
-from fedsim.device import resolve_device, set_threads
+from fedsim.core.device import resolve_device, set_threads
 from fedsim.models import federated_model
-from fedsim.registry import load_plugins
-from fedsim.secure_aggregation import secaggplus_when_requested
-from fedsim.seeding import derive_seed, node_secret, numpy_global_seed, torch_generator
-from fedsim.training import LocalHyperParams, evaluate, train_locally
-
-SCENARIO_KEY = "fedsim.scenario"
-TRUTH_KEY = "fedsim.truth"
+from fedsim.core.registry import load_plugins
+from fedsim.federation.secure_aggregation import secaggplus_when_requested
+from fedsim.core.seeding import derive_seed, node_secret, numpy_global_seed, torch_generator
+from fedsim.federation.protocol import SCENARIO_KEY, TRUTH_KEY
+from fedsim.federation.training import LocalHyperParams, evaluate, train_locally
 
 app = ClientApp()
 
@@ -190,7 +188,7 @@ def train(message: Message, context: Context) -> Message:
         train_data,
         hp,
         training,
-        generator=torch_generator(secret, "batches", server_round),  # secret: see fedsim.seeding
+        generator=torch_generator(secret, "batches", server_round),  # secret: see fedsim.core.seeding
         defenses=setup.train_defenses,
         states=states,
         device=setup.device,

@@ -14,9 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.grid_view import GridView
-from fedsim.observer import ObservingGrid
-from fedsim.seeding import numpy_rng
+from fedsim.federation.grid_view import GridView
+from fedsim.federation.observer import ObservingGrid
+from fedsim.core.seeding import numpy_rng
 
 
 class CohortGrid(GridView):

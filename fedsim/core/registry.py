@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from fedsim.errors import UserError
+from fedsim.core.errors import UserError
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ def params_of(plugin: Any) -> type[BaseModel]:
 
 
 DATASETS: Registry[Any] = Registry(
-    "dataset", "load(params, seed) -> fedsim.data.TensorData (all examples, one table)"
+    "dataset", "load(params, seed) -> fedsim.data.datasets.TensorData (all examples, one table)"
 )
 PARTITIONERS: Registry[Any] = Registry(
     "partitioner", "build(params, num_partitions, seed) -> flwr_datasets Partitioner"
@@ -91,8 +91,8 @@ MODELS: Registry[Any] = Registry(
 STRATEGIES: Registry[Any] = Registry(
     "strategy", "build(params) -> flwr.serverapp.strategy.Strategy (takes every node it is shown)"
 )
-ATTACKS: Registry[Any] = Registry("attack", "cls(params) -> attacks.base.Attack")
-DEFENSES: Registry[Any] = Registry("defense", "cls(params) -> fedsim.defense.Defense")
+ATTACKS: Registry[Any] = Registry("attack", "cls(params) -> fedsim.core.attack.Attack")
+DEFENSES: Registry[Any] = Registry("defense", "cls(params) -> fedsim.core.defense.Defense")
 
 ALL_REGISTRIES = (DATASETS, PARTITIONERS, MODELS, STRATEGIES, ATTACKS, DEFENSES)
 
@@ -105,7 +105,7 @@ def load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    for module in ("fedsim.data", "fedsim.models", "fedsim.strategies"):
+    for module in ("fedsim.data.datasets", "fedsim.models", "fedsim.federation.strategies"):
         import_module(module)
     for entry in entry_points(group="fedsim.plugins"):
         entry.load()

@@ -49,15 +49,13 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import load_file, safe_open, save
 
-from fedsim.client import TRUTH_KEY
-from fedsim.config import Scenario
-from fedsim.errors import UserError
-from fedsim.grid_view import GridView
-from fedsim.results import RunDirectory, atomic_write_bytes, atomic_write_json
-from fedsim.training import LocalHyperParams
+from fedsim.core.config import Scenario
+from fedsim.core.errors import UserError
+from fedsim.federation.grid_view import GridView
+from fedsim.federation.protocol import AGGREGATE_KEY, TRUTH_KEY
+from fedsim.core.results import RunDirectory, atomic_write_bytes, atomic_write_json
+from fedsim.federation.training import LocalHyperParams
 
-AGGREGATE_KEY = "fedsim.aggregate"
-"""Reply record of an aggregate standing for several clients: `clients` (JSON list of metrics)."""
 AGGREGATE_CLIENT = -1
 """The `client` of an aggregate-only observation."""
 

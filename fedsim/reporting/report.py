@@ -1,7 +1,7 @@
 """`fedsim report DIR`: one HTML file (self-contained) and one Markdown file per sweep or run.
 
 A sweep report has the mean ± std over seeds of every setting, accuracy against epsilon
-(one panel per kind of guarantee: example-level, client-level, local; see `fedsim.privacy`),
+(one panel per kind of guarantee: example-level, client-level, local; see `fedsim.core.privacy`),
 utility and leakage against each swept field (the defense strength), the utility-leakage
 Pareto frontier per attack, the table of all cells, and reconstruction image grids per cell.
 A single run's report has its accuracy and epsilon per round, its leakage per attacked
@@ -22,11 +22,11 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedsim import report_figures as figures
-from fedsim.errors import UserError
-from fedsim.results import RunDirectory, atomic_write_bytes, read_json
-from fedsim.sweep_spec import short_names
-from fedsim.sweep_table import (
+from fedsim.reporting import report_figures as figures
+from fedsim.core.errors import UserError
+from fedsim.core.results import RunDirectory, atomic_write_bytes, read_json
+from fedsim.experiments.sweep_spec import short_names
+from fedsim.experiments.sweep_table import (
     MANIFEST,
     load_results,
     mean_std,

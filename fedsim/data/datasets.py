@@ -29,9 +29,9 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from sklearn.model_selection import train_test_split
 
-from fedsim.config import DataConfig
-from fedsim.errors import UserError
-from fedsim.registry import DATASETS, PARTITIONERS, NoParams
+from fedsim.core.config import DataConfig
+from fedsim.core.errors import UserError
+from fedsim.core.registry import DATASETS, PARTITIONERS, NoParams
 
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "fine_label", "labels")

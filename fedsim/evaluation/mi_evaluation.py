@@ -13,7 +13,7 @@ features that enter the evaluator's last linear layer: how close a reconstructio
 private example of its class. The evaluator classifies among the private classes only (the
 public classes are not among the attacker's targets).
 
-Only the model stage (`fedsim.model_leakage`) builds and calls this; attacks get a
+Only the model stage (`fedsim.pipeline.model_leakage`) builds and calls this; attacks get a
 `ModelTarget`, which holds no evaluator.
 """
 
@@ -33,13 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from fedsim.config import ModelSpec
-from fedsim.data import FederatedData, TensorData
-from fedsim.errors import UserError
+from fedsim.core.config import ModelSpec
+from fedsim.data.datasets import FederatedData, TensorData
+from fedsim.core.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.heads import classifier_head, features_and_logits
-from fedsim.results import atomic_write_bytes
-from fedsim.training import evaluate
+from fedsim.core.results import atomic_write_bytes
+from fedsim.federation.training import evaluate
 
 TOP_K = 5
 

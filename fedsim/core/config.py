@@ -27,8 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from fedsim.errors import UserError
-from fedsim.registry import (
+from fedsim.core.errors import UserError
+from fedsim.core.registry import (
     ATTACKS,
     DATASETS,
     DEFENSES,
@@ -37,7 +37,7 @@ from fedsim.registry import (
     STRATEGIES,
     Registry,
 )
-from fedsim.seeding import public_seed
+from fedsim.core.seeding import public_seed
 
 
 class Section(BaseModel):
@@ -254,7 +254,7 @@ class Scenario(Section):
 
     def public(self) -> Scenario:
         """The scenario as the federation sees it: the seed replaced by its one-way public
-        seed, which the server and every message may hold (see `fedsim.seeding`)."""
+        seed, which the server and every message may hold (see `fedsim.core.seeding`)."""
         simulation = self.simulation.model_copy(update={"secret_seed": None})
         return self.model_copy(update={"seed": public_seed(self.seed), "simulation": simulation})
 

@@ -1,6 +1,6 @@
 """The attack seam: what an attacker is given and what it must return.
 
-An attack is one class registered in `fedsim.registry.ATTACKS`. Its `target_kind` says what
+An attack is one class registered in `fedsim.core.registry.ATTACKS`. Its `target_kind` says what
 its threat model grants: "gradient" attacks get what the honest-but-curious server observed of
 one client (a `GradientTarget`); "model" attacks get what a model holder has (a
 `ModelTarget`: the final global model plus public auxiliary data). Each returns a
@@ -81,7 +81,7 @@ class ModelTarget:
 @dataclass(frozen=True)
 class AuxiliaryData:
     """What the honest-but-curious server holds besides the updates: a gradient attack's
-    `prepare` gets it to learn a prior once per run (e.g. a GAN, `attacks.generator`).
+    `prepare` gets it to learn a prior once per run (e.g. a GAN, `fedsim.attacks.generator`).
 
     `test_x`/`test_y` is the global test set the server evaluates on (the federation's
     classes, examples no client trains on); `public_x`/`public_y` the public classes

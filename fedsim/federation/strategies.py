@@ -1,6 +1,6 @@
 """Flower strategies by name, each with its own validated parameters.
 
-fedsim samples cohorts itself (see `fedsim.sampling`), so every strategy here is built to
+fedsim samples cohorts itself (see `fedsim.federation.sampling`), so every strategy here is built to
 train and evaluate on all nodes it is shown: fraction 1.0 and minimums of 1.
 """
 
@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedsim.registry import STRATEGIES, NoParams
+from fedsim.core.registry import STRATEGIES, NoParams
 
 
 TAKE_ALL_NODES: dict[str, Any] = {

@@ -9,7 +9,7 @@ copy of it. One MLflow run per fedsim run directory, logged once it is finished:
   the results table), wall time, and per attack `<attack>.<score>` (PSNR, SSIM, label
   accuracy, model-inversion scores), as in the sweep's results table;
 - tags: `fedsim.run_dir`, `fedsim.scenario`, `fedsim.epsilon_<kind>_unit` (each epsilon's
-  level, relation, delta, accountant and defense), and for sweep cells `fedsim.sweep`,
+  level, relation, delta, accountant and defense), and for sweep cells `fedsim.experiments.sweep`,
   `fedsim.cell`, `fedsim.seed`;
 - artifacts: scenario.yaml, summary.json and the reconstruction images.
 
@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from fedsim.errors import UserError
-from fedsim.results import RunDirectory, read_json
-from fedsim.sweep_table import LEAKAGE, MODEL_LEAKAGE, UNITS, run_metrics
+from fedsim.core.errors import UserError
+from fedsim.core.results import RunDirectory, read_json
+from fedsim.experiments.sweep_table import LEAKAGE, MODEL_LEAKAGE, UNITS, run_metrics
 
 RUN_KEY_TAG = "fedsim.run_key"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value

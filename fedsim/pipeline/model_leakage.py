@@ -3,7 +3,7 @@
 Threat model 3 (DESIGN.md): the attacker holds the federation's final model (white-box) and
 public images of classes the federation never trained on (`data.public_classes`). For each
 private class the attack reconstructs images (`Attack.reconstruct` on a `ModelTarget` naming
-that class); an evaluation classifier the attacker never sees (`attacks.mi_evaluation`) then
+that class); an evaluation classifier the attacker never sees (`fedsim.evaluation.mi_evaluation`) then
 scores them, next to a zero-effort baseline (`public_baseline`). Output, per class:
 `attacks/<name>/class_CC.json` (scores) and `class_CC.png` (the nearest private example above
 each reconstruction). A class already scored with the same
@@ -21,15 +21,15 @@ from rich.console import Console
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from attacks.metrics import save_image_grid
-from attacks.mi_evaluation import EvaluationParams, load_or_train_evaluator
-from fedsim.attack import Attack, ModelTarget
-from fedsim.config import PluginSpec, Scenario
-from fedsim.data import FederatedData, federated_data
-from fedsim.errors import UserError
+from fedsim.evaluation.metrics import save_image_grid
+from fedsim.evaluation.mi_evaluation import EvaluationParams, load_or_train_evaluator
+from fedsim.core.attack import Attack, ModelTarget
+from fedsim.core.config import PluginSpec, Scenario
+from fedsim.data.datasets import FederatedData, federated_data
+from fedsim.core.errors import UserError
 from fedsim.models import federated_model
-from fedsim.results import RunDirectory, atomic_write_json, read_json
-from fedsim.seeding import derive_seed
+from fedsim.core.results import RunDirectory, atomic_write_json, read_json
+from fedsim.core.seeding import derive_seed
 
 CACHE = "cache"
 SCORES = (

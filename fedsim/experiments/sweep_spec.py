@@ -36,9 +36,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedsim.config import Scenario, apply_override, build_scenario, read_yaml
-from fedsim.errors import UserError
-from fedsim.seeding import derive_seed
+from fedsim.core.config import Scenario, apply_override, build_scenario, read_yaml
+from fedsim.core.errors import UserError
+from fedsim.core.results import scenario_hash
+from fedsim.core.seeding import derive_seed
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint")
 
@@ -147,8 +148,6 @@ class Cell:
     def name(self) -> str:
         """Stable run-directory name; the hash of the resolved scenario keeps an edited
         sweep from ever resuming a directory that holds other settings."""
-        from fedsim.runner import scenario_hash
-
         return f"cell-{self.index:04d}-seed{self.seed}-{scenario_hash(self.scenario)}"
 
     def describe(self) -> str:
