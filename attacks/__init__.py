@@ -1,17 +1,30 @@
-"""Attacks: each module registers one attack family in fedsim.core.registry.ATTACKS."""
+"""Attacks: each module registers its attacks in fedsim.core.registry.ATTACKS, declared here
+by name so that a scenario naming one imports only that module (`Registry.lazy`)."""
 
 from importlib.util import find_spec
 
-from fedsim.attacks import dlg  # noqa: F401  (registers 'dlg' and 'idlg')
-from fedsim.attacks import gmi  # noqa: F401  (registers 'gmi')
-from fedsim.attacks import ked_mi  # noqa: F401  (registers 'ked_mi')
-from fedsim.attacks import model_inversion  # noqa: F401  (registers 'mi_face')
-from fedsim.attacks import fedavg_inversion  # noqa: F401  (registers 'fedavg_inversion')
-from fedsim.attacks import inverting_gradients  # noqa: F401  (registers 'ig')
-from fedsim.attacks import generative_inversion  # noqa: F401  (registers 'gan_latent')
-from fedsim.attacks import gifd  # noqa: F401  (registers 'gifd')
+from fedsim.core.registry import ATTACKS
+
+ATTACKS.lazy("dlg", "fedsim.attacks.dlg")
+ATTACKS.lazy("idlg", "fedsim.attacks.dlg")
+ATTACKS.lazy("gmi", "fedsim.attacks.gmi")
+ATTACKS.lazy("ked_mi", "fedsim.attacks.ked_mi")
+ATTACKS.lazy("mi_face", "fedsim.attacks.model_inversion")
+ATTACKS.lazy("fedavg_inversion", "fedsim.attacks.fedavg_inversion")
+ATTACKS.lazy("ig", "fedsim.attacks.inverting_gradients")
+ATTACKS.lazy("gan_latent", "fedsim.attacks.generative_inversion")
+ATTACKS.lazy("gifd", "fedsim.attacks.gifd")
+ATTACKS.lazy("loss_threshold", "fedsim.attacks.loss_threshold")
+ATTACKS.lazy("lira", "fedsim.attacks.lira")
+ATTACKS.lazy("lira_offline", "fedsim.attacks.lira")
+ATTACKS.lazy("rmia", "fedsim.attacks.rmia")
+ATTACKS.lazy("update_membership", "fedsim.attacks.update_membership")
+ATTACKS.lazy("client_membership", "fedsim.attacks.client_membership")
+ATTACKS.lazy("canary_audit", "fedsim.attacks.canary_audit")
+ATTACKS.lazy("canary_update_audit", "fedsim.attacks.canary_audit")
 
 if find_spec("pennylane") is not None:  # attacks on variational quantum circuits (model 'vqc')
-    from fedsim.attacks import quantum_landscape  # noqa: F401  (registers 'quantum_grid_scan')
-    from fedsim.attacks import quantum_learned  # noqa: F401  (registers 'quantum_learned')
-    from fedsim.attacks import quantum_matching  # noqa: F401  (registers 'quantum_gradient_matching')
+    ATTACKS.lazy("quantum_dla_snapshot", "fedsim.attacks.quantum_dla_snapshot")
+    ATTACKS.lazy("quantum_grid_scan", "fedsim.attacks.quantum_landscape")
+    ATTACKS.lazy("quantum_learned", "fedsim.attacks.quantum_learned")
+    ATTACKS.lazy("quantum_gradient_matching", "fedsim.attacks.quantum_matching")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -43,6 +43,9 @@ from fedsim.attacks.gradient_matching import (
 from fedsim.core.attack import GradientTarget, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.registry import ATTACKS
+
+if TYPE_CHECKING:
+    from fedsim.core.config import Scenario
 
 
 class LBFGSParams(InversionParams):
@@ -125,7 +128,7 @@ class LBFGSInversion(GradientInversion):
             result.losses[pick],
             result.losses,
             labels,
-            {"iterations": result.iterations, "restarts": restarts},
+            {"iterations": result.iterations, "restarts": restarts, "objective_evaluations": result.iterations},
         )
 
 
@@ -137,8 +140,6 @@ class DLG(LBFGSInversion):
     CE(p, q) = mean_b sum_k -q_bk log softmax(p_b)_k, from x ~ U[0, 1], z ~ N(0, 1).
     Labels returned are argmax_k z_bk (`labels: joint`); `inferred` or `known` fix them.
     """
-
-    name = "dlg"
 
     class Params(LBFGSParams):
         labels: Literal["joint", "inferred", "known"] = Field(  # type: ignore[assignment]
@@ -163,8 +164,16 @@ class IDLG(LBFGSInversion):
     min_x sum_l || grad_theta_l CE(f(x), y) - g_l ||^2.
     """
 
-    name = "idlg"
     Params = LBFGSParams
+
+    @classmethod
+    def check_scenario(cls, params: LBFGSParams, scenario: Scenario) -> None:
+        if (params.images or scenario.training.batch_size) > 1:
+            raise ValueError(
+                f"attack 'idlg' needs batch size 1 (training.batch_size={scenario.training.batch_size}"
+                + (f", images={params.images}" if params.images else "")
+                + "); use 'dlg' or 'ig', which infer a batch's labels"
+            )
 
     def choose_labels(self, target: GradientTarget) -> LabelChoice:
         if self.image_count(target) > 1:

@@ -74,8 +74,6 @@ class FedAvgInversion(InvertingGradients):
     term are unrolled too).
     """
 
-    name = "fedavg_inversion"
-
     def group_key(self, target: GradientTarget) -> Hashable:
         schedule = (
             target.batch_size,

@@ -259,7 +259,6 @@ class LatentInversion(GenerativeInversion):
 
     GIAS's latent stage, or GGL with Adam instead of CMA-ES, under the suite's gradient loss."""
 
-    name = "gan_latent"
     Params = LatentParams
     params: LatentParams
 

@@ -146,7 +146,6 @@ class Gifd(GenerativeInversion):
 
     Every stage's result is a candidate; the one with the lowest gradient loss wins."""
 
-    name = "gifd"
     Params = GifdParams
     params: GifdParams
 

@@ -17,7 +17,7 @@ own objective. The GAN is trained once per run and cached (`prepare`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,21 +27,18 @@ from torch import nn
 
 from fedsim.attacks.generator import Discriminator, Generator, GeneratorParams, train_or_load_generator
 from fedsim.attacks.model_inversion import ModelInversionParams, class_likelihood_loss, target_labels
-from fedsim.core.attack import Attack, ModelTarget, Reconstruction
+from fedsim.core.attack import ModelAttack, ModelTarget, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.registry import ATTACKS
 from fedsim.core.seeding import derive_seed, torch_generator
 
 
-class GanPriorAttack(Attack):
+class GanPriorAttack(ModelAttack):
     """A model-inversion attack that searches a GAN trained once per run on the public data.
 
     `prepare` trains (or loads the cached) GAN; subclasses change how through `gan_options`
     (extra arguments of `train_or_load_generator`) and read it back with `networks()`.
     """
-
-    name: ClassVar[str]
-    target_kind = "model"
 
     def __init__(self, params: BaseModel, seed: int = 0) -> None:
         super().__init__(params, seed)
@@ -85,7 +82,6 @@ class GanPriorAttack(Attack):
 class Gmi(GanPriorAttack):
     """GMI (Zhang et al. 2020): search a public-data GAN's latent for class likelihood + realism."""
 
-    name = "gmi"
     threat_model = (
         "model holder, white-box, with public images of other classes (trains a GAN on them)"
     )

@@ -32,7 +32,7 @@ from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 from fedsim.attacks.label_inference import infer_labels
-from fedsim.core.attack import Attack, GradientTarget, Reconstruction
+from fedsim.core.attack import GradientAttack, GradientTarget, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.seeding import torch_generator
 
@@ -136,6 +136,18 @@ def check_target(target: GradientTarget, attack: str) -> None:
         raise UserError(
             f"attack '{attack}': the observation records lr={target.lr}, "
             f"local_steps={target.local_steps}; both must be positive"
+        )
+
+
+def check_start(target: GradientTarget, count: int, attack: str) -> None:
+    """A one-line UserError unless the target's `start` (if any) is `count` images of its shape."""
+    if target.start is None:
+        return
+    expected = (count, *target.input_shape)
+    if tuple(target.start.shape) != expected:
+        raise UserError(
+            f"attack '{attack}': the target's start has shape {tuple(target.start.shape)}; "
+            f"it needs {expected} (images x input shape)"
         )
 
 
@@ -236,11 +248,16 @@ class MatchingProblem:
 
 def random_images(targets: list[GradientTarget], restarts: int, count: int, seed: int) -> Tensor:
     """Starting images U[0, 1], (T, R, n, C, H, W); each target's own generator is seeded by
-    (attack seed, round, client), so a target starts the same whichever others it is batched with."""
-    return torch.stack([
-        torch.rand((restarts, count, *t.input_shape), generator=torch_generator(seed, "images", t.server_round, t.client))
-        for t in targets
-    ])  # fmt: skip
+    (attack seed, round, client), so a target starts the same whichever others it is batched with.
+    A target's `start`, if given, replaces its first restart."""
+    stacked = []
+    for t in targets:
+        generator = torch_generator(seed, "images", t.server_round, t.client)
+        images = torch.rand((restarts, count, *t.input_shape), generator=generator)
+        if t.start is not None:
+            images[0] = t.start.detach().cpu().to(images.dtype)
+        stacked.append(images)
+    return torch.stack(stacked)
 
 
 def random_label_logits(targets: list[GradientTarget], restarts: int, count: int, seed: int) -> Tensor:
@@ -293,14 +310,14 @@ class LabelChoice:
     method: str
 
 
-class GradientInversion(Attack):
+class GradientInversion(GradientAttack):
     """Skeleton of a gradient-matching attack: checks, labels, vectorised groups of targets.
 
-    Subclasses set `name` and implement `solve` for a group of compatible targets.
+    Subclasses implement `solve` for a group of compatible targets.
     """
 
-    name: ClassVar[str]
     params: InversionParams
+    needs_classes = True
 
     @property
     def threat_model(self) -> str:  # type: ignore[override]
@@ -315,6 +332,7 @@ class GradientInversion(Attack):
         groups: dict[Hashable, list[int]] = defaultdict(list)
         for index, target in enumerate(targets):
             check_target(target, self.name)
+            check_start(target, self.image_count(target), self.name)
             groups[self.group_key(target)].append(index)
         results: dict[int, Reconstruction] = {}
         for indices in groups.values():

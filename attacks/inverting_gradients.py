@@ -61,8 +61,9 @@ class AdamParams(InversionParams):
 def minimise_adam(problem: MatchingProblem, images: Tensor, settings: AdamParams) -> tuple[Tensor, Tensor]:
     """Signed Adam with box projection and step decay on every row of `images` (T, R, ...).
 
-    Returns the final images and their matching distances (T, R). A row whose objective is
-    not finite gets a zero gradient for that step, so it cannot poison the others.
+    Returns the final images and their matching distances (T, R), after `iterations` + 1
+    evaluations of the objective per row. A row whose objective is not finite gets a zero
+    gradient for that step, so it cannot poison the others.
     """
     images = images.clone().requires_grad_()
     optimizer = torch.optim.Adam([images], lr=settings.lr)
@@ -95,7 +96,6 @@ class InvertingGradients(GradientInversion):
     gradient over every example used (`fedavg_inversion` unrolls the steps instead).
     """
 
-    name = "ig"
     Params = AdamParams
     params: AdamParams
 
@@ -112,5 +112,6 @@ class InvertingGradients(GradientInversion):
         pick = torch.arange(len(targets), device=device), chosen.to(device)
         return reconstructions(
             images[pick], hard, losses[pick], losses, labels,
-            {"iterations": self.params.iterations, "restarts": restarts},
+            {"iterations": self.params.iterations, "restarts": restarts,
+             "objective_evaluations": self.params.iterations + 1},
         )  # fmt: skip

@@ -94,7 +94,6 @@ def weights_digest(model: nn.Module) -> bytes:
 class KedMi(GanPriorAttack):
     """KED-MI (Chen et al. 2021): target-distilled GAN, then a learned latent distribution."""
 
-    name = "ked_mi"
     threat_model = (
         "model holder, white-box, with public images of other classes (trains a GAN on them "
         "guided by the target model's soft labels)"

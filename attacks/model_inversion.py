@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from fedsim.evaluation.mi_evaluation import EvaluationParams
-from fedsim.core.attack import Attack, ModelTarget, Reconstruction
+from fedsim.core.attack import ModelAttack, ModelTarget, Reconstruction
 from fedsim.core.registry import ATTACKS
 from fedsim.core.seeding import torch_generator
 
@@ -65,11 +65,10 @@ def total_variation(images: Tensor) -> Tensor:
 
 
 @ATTACKS.register("mi_face")
-class MiFace(Attack):
+class MiFace(ModelAttack):
     """MI-FACE (Fredrikson et al. 2015): gradient ascent on the class likelihood, TV/L2 priors."""
 
     threat_model = WHITE_BOX
-    target_kind = "model"
 
     class Params(ModelInversionParams):
         iterations: int = Field(500, ge=1, description="Adam steps")

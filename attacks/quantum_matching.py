@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from fedsim.attacks.quantum_oracle import QuantumGradientOracle
-from fedsim.core.attack import Attack, GradientTarget, Reconstruction
+from fedsim.core.attack import GradientAttack, GradientTarget, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.registry import ATTACKS
 from fedsim.core.seeding import torch_generator
@@ -40,7 +40,7 @@ class QuantumAttackParams(BaseModel):
     )
 
 
-class QuantumAttack(Attack):
+class QuantumAttack(GradientAttack):
     """Shared by the quantum attacks: threat model, oracle, seeded randomness, output."""
 
     params: QuantumAttackParams

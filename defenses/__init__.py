@@ -1,32 +1,27 @@
-"""Defenses: each module registers one defense in fedsim.core.registry.DEFENSES."""
+"""Defenses: each module registers its defenses in fedsim.core.registry.DEFENSES (some also a
+strategy, its client action or a model), declared here by name so that a scenario naming one
+imports only that module (`Registry.lazy`)."""
 
-from importlib.util import find_spec
+from fedsim.core.registry import CLIENT_ACTIONS, DEFENSES, MODELS, STRATEGIES
 
-from fedsim.defenses import (
-    central_dp,
-    clipping,
-    diff2,
-    dp_sgd,
-    local_dp,
-    mid,
-    noise,
-    pruning,
-    quantisation,
-    secagg,
-)
-
-__all__ = [
-    "central_dp",
-    "clipping",
-    "diff2",
-    "dp_sgd",
-    "local_dp",
-    "mid",
-    "noise",
-    "pruning",
-    "quantisation",
-    "secagg",
-]
-
-if find_spec("pennylane") is not None:  # Opacus per-example gradients for quantum layers
-    from fedsim.defenses import quantum_grad_sampler  # noqa: F401
+DEFENSES.lazy("central_dp_fixed", "fedsim.defenses.central_dp")
+DEFENSES.lazy("central_dp_fixed_client", "fedsim.defenses.central_dp")
+DEFENSES.lazy("central_dp_adaptive", "fedsim.defenses.central_dp")
+DEFENSES.lazy("central_dp_adaptive_client", "fedsim.defenses.central_dp")
+DEFENSES.lazy("norm_clip", "fedsim.defenses.clipping")
+DEFENSES.lazy("dp_sgd", "fedsim.defenses.dp_sgd")
+DEFENSES.lazy("local_dp", "fedsim.defenses.local_dp")
+DEFENSES.lazy("mid", "fedsim.defenses.mid")
+DEFENSES.lazy("gaussian_noise", "fedsim.defenses.noise")
+DEFENSES.lazy("laplace_noise", "fedsim.defenses.noise")
+DEFENSES.lazy("topk", "fedsim.defenses.pruning")
+DEFENSES.lazy("quantize", "fedsim.defenses.quantisation")
+DEFENSES.lazy("secagg_plus", "fedsim.defenses.secagg")
+STRATEGIES.lazy("dp_gd", "fedsim.defenses.diff2")
+STRATEGIES.lazy("diff2", "fedsim.defenses.diff2")
+CLIENT_ACTIONS.lazy("diff2", "fedsim.defenses.diff2")
+MODELS.lazy("kde", "fedsim.defenses.dp_kde")
+STRATEGIES.lazy("dp_kde", "fedsim.defenses.dp_kde")
+CLIENT_ACTIONS.lazy("dp_kde", "fedsim.defenses.dp_kde")
+STRATEGIES.lazy("ldp_sparse_regression", "fedsim.defenses.ldp_sparse_regression")
+CLIENT_ACTIONS.lazy("ldp_sparse_regression", "fedsim.defenses.ldp_sparse_regression")

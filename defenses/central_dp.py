@@ -86,7 +86,6 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.supercore import differential_privacy as flower_dp
-from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.core.defense import PrivacyUnit, ServerTimeDefense
@@ -119,6 +118,8 @@ class OpacusRdpAccountant:
     def __init__(self, config: PrivacyConfig) -> None:
         if config.sampling_method is not SamplingMethod.NO_AMPLIFICATION:
             raise ValueError("OpacusRdpAccountant accounts only no-amplification releases")
+        from opacus.accountants import RDPAccountant  # here: validating Params needs no Opacus
+
         self.config = config
         self._rdp = RDPAccountant()
 

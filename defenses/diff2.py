@@ -47,33 +47,23 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.federation.client import SCENARIO_KEY, app, client_setup, dp_reply_metrics, partition_id
-from fedsim.data.datasets import TensorData
 from fedsim.core.defense import PrivacyUnit
-from fedsim.core.registry import STRATEGIES
-from fedsim.core.seeding import node_secret, torch_generator
+from fedsim.core.registry import CLIENT_ACTIONS, STRATEGIES
+from fedsim.data.datasets import TensorData
+from fedsim.federation.client_call import ClientCall
 from fedsim.federation.strategies import TAKE_ALL_NODES
 from fedsim.federation.training import task_criterion
 
-MESSAGE_TYPE = "train.diff2"
+ACTION = "diff2"
+MESSAGE_TYPE = f"train.{ACTION}"
 RELEASE_KEY = "diff2.release"
 PREVIOUS_KEY = "previous-arrays"
 RELEASES_STATE = "fedsim.diff2"
@@ -146,6 +136,8 @@ class Diff2Params(DpGdParams):
 
 @lru_cache(maxsize=64)
 def _calibrated_noise(target_epsilon: float, delta: float, rounds: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier  # Opacus where it is used
+
     return get_noise_multiplier(
         target_epsilon=target_epsilon, target_delta=delta, sample_rate=1.0, steps=rounds, accountant="rdp"
     )
@@ -173,6 +165,8 @@ def release_noise(params: DpGdParams, rounds: int) -> dict[Release, float]:
 
 def epsilon_after(releases: dict[Release, int], noise: dict[Release, float], delta: float) -> float:
     """Opacus RDP epsilon of the Gaussian releases made so far (sampling rate 1)."""
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = [(noise[kind], 1.0, count) for kind, count in releases.items() if count]
     return float(accountant.get_epsilon(delta))
@@ -230,52 +224,48 @@ def private_release(
     return (total + noise) / len(data)
 
 
-@app.train("diff2")
-def release(message: Message, context: Context) -> Message:
+@CLIENT_ACTIONS.register(ACTION)
+def release(content: RecordDict, call: ClientCall) -> RecordDict:
     """A client's DP-GD/DIFF2 release for this round; its epsilon composes over all its rounds."""
-    config = message.content["config"]
-    setup = client_setup(str(config[SCENARIO_KEY]))
-    scenario, pid = setup.scenario, partition_id(context)
+    scenario = call.setup.scenario
     params: DpGdParams = scenario.federation.strategy.params
-    server_round = int(config["server-round"])
-    train_data, _ = setup.data.client(pid)
-    model = setup.new_model()
+    train_data = call.train_data()
+    model = call.setup.new_model()
     names = [name for name, _ in model.named_parameters()]
 
     def parameters(record: ArrayRecord) -> dict[str, Tensor]:
         state = record.to_torch_state_dict()
         return {name: state[name] for name in names}
 
-    kind: Release = str(config[RELEASE_KEY])  # type: ignore[assignment]
-    previous = parameters(message.content[PREVIOUS_KEY]) if kind == "difference" else None
+    kind: Release = str(call.config[RELEASE_KEY])  # type: ignore[assignment]
+    previous = parameters(content[PREVIOUS_KEY]) if kind == "difference" else None
     noise = release_noise(params, scenario.federation.rounds)
     flat = private_release(
         model,
         train_data,
-        parameters(message.content["arrays"]),
+        parameters(content["arrays"]),
         previous,
         params.clip if kind == "gradient" else params.difference_clip,
         noise[kind],
-        torch_generator(node_secret(context), "diff2-noise", server_round),
+        call.generator("diff2-noise"),
         params.chunk_size,
     )
-    made = context.state.get(RELEASES_STATE, ConfigRecord({"gradient": 0, "difference": 0}))
+    made = call.state.get(RELEASES_STATE, ConfigRecord({"gradient": 0, "difference": 0}))
     releases: dict[Release, int] = {"gradient": int(made["gradient"]), "difference": int(made["difference"])}
     releases[kind] += 1
-    context.state[RELEASES_STATE] = ConfigRecord(dict(releases))
+    call.state[RELEASES_STATE] = ConfigRecord(dict(releases))
     shapes = {name: p.shape for name, p in model.named_parameters()}
     pieces = torch.split(flat, [shape.numel() for shape in shapes.values()])
     arrays = ArrayRecord({n: Array(p.reshape(shapes[n]).numpy()) for n, p in zip(names, pieces, strict=True)})
-    metrics = dp_reply_metrics(
+    metrics = call.private_metrics(
         {
             "num-examples": len(train_data),
-            "partition-id": pid,
+            "partition-id": call.partition_id,
             "epsilon": epsilon_after(releases, noise, params.delta),
         },
         frozenset({"epsilon"}),
-        scenario.training.clear_text_metrics,
     )
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
 
 class PrivateGradientDescent(FedAvg):

@@ -32,18 +32,11 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from contextlib import ExitStack
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from opacus import GradSampleModule, PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import AbstractGradSampleModule
-from opacus.utils.batch_memory_manager import BatchMemoryManager
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-from opacus.utils.module_utils import trainable_modules
-from opacus.validators import ModuleValidator
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -52,11 +45,39 @@ from fedsim.core.defense import LocalTraining, PrivacyUnit, TrainTimeDefense
 from fedsim.core.errors import UserError
 from fedsim.core.registry import DEFENSES
 
+if TYPE_CHECKING:  # Opacus is imported where it is used: validating a scenario needs only Params
+    from opacus import PrivacyEngine
+    from opacus.grad_sample import AbstractGradSampleModule
+
 HISTORY_KEY = "dp_sgd_history"
 PROBE_EXAMPLES = 4
 
 log = logging.getLogger("fedsim")
 _reported_fixes: set[str] = set()
+
+
+class _ExplainEmptyBatches(logging.Filter):
+    """Opacus warns "First batch is empty" whenever a Poisson-sampled batch holds no example,
+    which is likely at batch size 1 (probability (1 - 1/n)^n, about 37%). That is DP-SGD as
+    analysed (the step adds noise only), so the warnings become one explanation per process."""
+
+    explained = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("First batch is empty"):
+            return True
+        if not self.explained:
+            self.explained = True
+            log.warning(
+                "dp_sgd: a Poisson-sampled batch came out empty (likely at small batch sizes); "
+                "its step adds noise only, as the privacy analysis assumes. An observed client "
+                "whose every batch was empty trained on no examples: attacks skip it and its "
+                "scores stay blank"
+            )
+        return False
+
+
+logging.getLogger("opacus.data_loader").addFilter(_ExplainEmptyBatches())
 
 
 @DEFENSES.register("dp_sgd")
@@ -125,6 +146,14 @@ class DpSgd(TrainTimeDefense):
                 )
             return value
 
+        @model_validator(mode="before")
+        @classmethod
+        def _target_replaces_noise(cls, value: Any) -> Any:
+            """`{target_epsilon: 8}` alone means 'derive the noise', not 'also noise 1.0'."""
+            if isinstance(value, dict) and value.get("target_epsilon") is not None:
+                return {"noise_multiplier": None, **value}
+            return value
+
         @model_validator(mode="after")
         def _one_noise_source(self) -> DpSgd.Params:
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -149,6 +178,8 @@ class DpSgd(TrainTimeDefense):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """With `fix_modules`, Opacus's fix of the model (BatchNorm -> GroupNorm), said once."""
+        from opacus.validators import ModuleValidator
+
         if not self.params.fix_modules or not _unsupported_layers(model):
             return model
         fixed = ModuleValidator.fix(model)
@@ -176,6 +207,9 @@ class DpSgd(TrainTimeDefense):
         state: dict[str, Any],
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Wrap for DP-SGD, continuing the accountant history kept in `state`."""
+        from opacus import GradSampleModule, PrivacyEngine
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
         _refuse_unsupported_layers(model)
         p = self.params
         # Opacus's DPDataLoader samples each example with probability 1 / len(loader) and its
@@ -224,6 +258,8 @@ class DpSgd(TrainTimeDefense):
 
     def criterion(self, loss_fn: nn.Module) -> Any:
         """Ghost mode: Opacus's loss wrapper, whose `backward()` takes both passes."""
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
         if self.params.grad_sample_mode != "ghost":
             return loss_fn
         return DPLossFastGradientClipping(self._model, self._optimizer, loss_fn, "mean")
@@ -238,6 +274,8 @@ class DpSgd(TrainTimeDefense):
         return {"epsilon": history_epsilon(history, self.params.accountant, self.params.delta)}
 
     def unwrap(self, model: nn.Module) -> nn.Module:
+        from opacus.grad_sample import AbstractGradSampleModule
+
         return model._module if isinstance(model, AbstractGradSampleModule) else model
 
     def _noise_multiplier(
@@ -248,6 +286,8 @@ class DpSgd(TrainTimeDefense):
         The plan is `total_rounds` rounds of `local_steps` steps (or `local_epochs` epochs),
         so a client that trains in fewer rounds ends below the target.
         """
+        from opacus.accountants.utils import get_noise_multiplier
+
         p = self.params
         if p.target_epsilon is None:
             return p.noise_multiplier
@@ -271,6 +311,8 @@ def history_epsilon(history: list[list[float]], accountant: str, delta: float) -
         return 0.0
     if any(noise_multiplier == 0 for noise_multiplier, _, _ in history):
         return math.inf  # clipping only: no epsilon (PRV cannot even represent the case)
+    from opacus.accountants import create_accountant
+
     engine_accountant = create_accountant(accountant)
     engine_accountant.history = [tuple(entry) for entry in history]
     return float(engine_accountant.get_epsilon(delta=delta))
@@ -294,6 +336,11 @@ def _warn_large_delta(delta: float, examples: int) -> None:
 
 def _unsupported_layers(model: nn.Module) -> dict[str, list[str]]:
     """Opacus's reason -> the names of the layers it refuses for that reason."""
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
+    if "fedsim.models.quantum" in sys.modules:  # the model may hold QuantumLayers: teach Opacus
+        from fedsim.defenses import quantum_grad_sampler  # noqa: F401  (registers their sampler)
     found: dict[str, list[str]] = {}
     for name, module in trainable_modules(model):
         validator = ModuleValidator.VALIDATORS.get(type(module))

@@ -24,7 +24,6 @@ from typing import ClassVar
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.mod import LocalDpMod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedsim.defenses.central_dp import tolerating_zero_updates
@@ -72,6 +71,8 @@ class LocalDp(Defense):
 
     def composed_epsilon(self, releases: int) -> float:
         """RDP epsilon of `releases` Gaussian releases with z = noise_std / sensitivity."""
+        from opacus.accountants import RDPAccountant  # here: validating Params needs no Opacus
+
         accountant = RDPAccountant()
         accountant.history = [(self.noise_std / self.sensitivity, 1.0, releases)]
         return float(accountant.get_epsilon(self.params.delta))

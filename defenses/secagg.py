@@ -37,6 +37,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.clientapp.typing import Mod
 from flwr.common import FitIns, FitRes, parameters_to_ndarrays
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server import LegacyContext
@@ -55,7 +56,7 @@ from fedsim.core.defense import ServerTimeDefense
 from fedsim.core.errors import UserError
 from fedsim.federation.grid_view import GridView
 from fedsim.core.registry import DEFENSES
-from fedsim.federation.secure_aggregation import named_arrays, to_fitins
+from fedsim.federation.secure_aggregation import named_arrays, secaggplus_when_requested, to_fitins
 from fedsim.core.seeding import derive_seed
 
 AVERAGING_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
@@ -87,32 +88,41 @@ class SecAggPlus(ServerTimeDefense):
 
     params: Params
 
+    @classmethod
+    def transport_mod(cls) -> Mod:
+        """Flower's SecAgg+ client mod for SecAgg+ messages (any other passes untouched)."""
+        return secaggplus_when_requested
+
     def wrap(self, strategy: Strategy, cohort_size: int, total_rounds: int) -> Strategy:
         """Unchanged: the aggregation happens in `transport`; the strategy averages its one reply."""
         return strategy
 
-    def transport(self, grid: Grid, scenario: Scenario) -> Grid:
-        """A grid that runs every train round through SecAgg+ (refusing what it cannot protect)."""
+    @classmethod
+    def check_scenario(cls, params: Params, scenario: Scenario) -> None:
+        """Refuse what SecAgg+ cannot protect, when the scenario is validated."""
         strategy = scenario.federation.strategy.name
         if strategy not in AVERAGING_STRATEGIES:
-            raise UserError(
+            raise ValueError(
                 f"defenses.secagg_plus: strategy '{strategy}' does not aggregate by FedAvg's "
                 f"weighted average; use one of {', '.join(AVERAGING_STRATEGIES)}"
             )
         others = [d.name for d in scenario.defenses if d.name != "secagg_plus" and DEFENSES.get(d.name).stage == "server"]
         if others:
-            raise UserError(
+            raise ValueError(
                 f"defenses.secagg_plus cannot be combined with {', '.join(others)}: server-time "
                 "defenses need each client's update, which secure aggregation hides"
             )
         if scenario.cohort_size < 2:
-            raise UserError("defenses.secagg_plus needs at least 2 clients per round (federation.clients_per_round)")
-        threshold = self.params.reconstruction_threshold
+            raise ValueError("defenses.secagg_plus needs at least 2 clients per round (federation.clients_per_round)")
+        threshold = params.reconstruction_threshold
         if isinstance(threshold, int) and threshold > scenario.cohort_size:
-            raise UserError(
+            raise ValueError(
                 f"defenses.secagg_plus.reconstruction_threshold={threshold} exceeds the "
                 f"{scenario.cohort_size} clients per round"
             )
+
+    def transport(self, grid: Grid, scenario: Scenario) -> Grid:
+        """A grid that runs every train round through SecAgg+."""
         try:
             workflow = SecAggPlusWorkflow(**self.params.model_dump())
         except (TypeError, ValueError) as err:

@@ -9,15 +9,21 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from fedsim.core.config import Scenario, load_scenario
 from fedsim.core.errors import UserError
-from fedsim.core.registry import ALL_REGISTRIES
+
+# Each command imports what it needs (the scenario loads torch; `run` Flower): `fedsim --help`
+# and `--version` import neither (tests/test_startup.py).
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from fedsim.core.config import Scenario
 
 cli = typer.Typer(
     add_completion=False,
@@ -25,6 +31,23 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
     help=__doc__.splitlines()[0])
 console = Console()
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from fedsim import __version__
+
+        print(f"fedsim {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    """Simulate privacy attacks and defenses in federated learning, classical and quantum."""
 
 ScenarioFile = Annotated[Path, typer.Argument(help="scenario YAML file")]
 Overrides = Annotated[
@@ -34,7 +57,7 @@ MlflowUri = Annotated[
     str | None,
     typer.Option(
         "--mlflow",
-        help="also log to this MLflow store, e.g. sqlite:///mlflow.db (needs fedsim[tracking])",
+        help=r"also log to this MLflow store, e.g. sqlite:///mlflow.db (needs fedsim\[tracking])",
     ),
 ]
 
@@ -47,6 +70,7 @@ def run(
     mlflow: MlflowUri = None,
 ) -> None:
     """Train the federation, run the scenario's attacks, write the run directory."""
+    from fedsim.core.config import load_scenario
     from fedsim.pipeline.runner import run_scenario
     from fedsim.experiments.tracking import MlflowTracker
 
@@ -56,27 +80,48 @@ def run(
     if tracker is not None:
         tracker.log_run(written.root)
         console.print(f"logged to MLflow: {mlflow} (experiment '{scenario.name}')")
+    if written.diverged:
+        print(
+            f"error: training diverged: the final model in '{written.root}' holds NaN or infinite "
+            "weights; lower training.lr (or the strategy's server learning rate)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 @cli.command()
 def validate(scenario_file: ScenarioFile, overrides: Overrides = None) -> None:
     """Check a scenario file and print it with every default filled in."""
+    from fedsim.core.config import load_scenario
+
     scenario = load_scenario(scenario_file, overrides or [])
     console.print(scenario.to_yaml(), markup=False)
     console.print(f"[green]ok[/]: {scenario_file} is a valid scenario")
 
 
+def describe_params(params: type[BaseModel]) -> Text:
+    """One line per parameter, 'name=default: description', as plain text (no rich markup:
+    a default such as [16] or a description naming fedsim[tracking] is shown as written)."""
+    lines = [
+        f"{name}={'(required)' if field.is_required() else repr(field.get_default(call_default_factory=True))}"
+        + (f": {field.description}" if field.description else "")
+        for name, field in params.model_fields.items()
+    ]
+    return Text("\n".join(lines) or "-")
+
+
 @cli.command("list")
 def list_plugins() -> None:
     """Every registered dataset, partitioner, model, strategy, attack and defense."""
+    from fedsim.core.registry import ALL_REGISTRIES
+
     for registry in ALL_REGISTRIES:
-        table = Table(title=registry.plural, show_lines=False, title_justify="left")
-        for column in ("name", "parameters (default)", "what"):
-            table.add_column(column)
+        table = Table(title=registry.plural, show_lines=True, title_justify="left")
+        table.add_column("name", no_wrap=True)
+        table.add_column("what", ratio=1, overflow="fold")
+        table.add_column("parameters (default): description", ratio=2, overflow="fold")
         for name in registry.names():
-            fields = registry.get(name).Params.model_fields
-            params = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in fields.items()) or "-"
-            table.add_row(name, params, registry.describe(name))
+            table.add_row(name, Text(registry.describe(name)), describe_params(registry.get(name).Params))
         console.print(table)
     console.print("scenario fields: see `fedsim validate FILE` and README.md")
 
@@ -108,8 +153,10 @@ def attack(
     raw["attacks"] = configured[:1] or [{"name": attack_name}]
     spec_overrides = [f"attacks.0.{o}" for o in overrides or []]
     scenario: Scenario = build_scenario(raw, spec_overrides)
-    attack_run(run, base, scenario.attacks, console, rounds=rounds, clients=clients)
-    write_summary(run, base)
+    with run.lock():
+        run.require_trained()
+        attack_run(run, base, scenario.attacks, console, rounds=rounds, clients=clients)
+        write_summary(run, base)
 
 
 @cli.command()
@@ -149,19 +196,10 @@ def report(
     console.print(f"report: {html}\nmarkdown: {markdown}")
 
 
-def quiet_flower() -> None:
-    """Flower logs every message at INFO; fedsim prints its own per-round progress."""
-    import flwr  # noqa: F401  (creates Flower's logger and its console handler)
-
-    flower = logging.getLogger("flwr")
-    flower.setLevel(logging.WARNING)
-    flower.propagate = False
-
-
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 for bad input."""
+    # Flower's records reach this handler, warnings only (`fedsim.federation.simulation.quiet_flower`)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    quiet_flower()
     try:
         cli(standalone_mode=False)
     except UserError as err:

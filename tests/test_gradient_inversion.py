@@ -253,7 +253,7 @@ def test_fedavg_inversion_beats_the_one_gradient_view_of_a_multi_step_update(dig
     psnr = {}
     for cls in (InvertingGradients, FedAvgInversion):
         recon = cls(cls.Params(iterations=200), seed=0).reconstruct(target)
-        psnr[cls.name] = score_images(recon.images, used.x, recon.labels, used.y)["psnr"]
+        psnr[cls.registered_name] = score_images(recon.images, used.x, recon.labels, used.y)["psnr"]
     assert psnr["fedavg_inversion"] >= 30 and psnr["fedavg_inversion"] >= psnr["ig"] + 5, psnr
 
 

@@ -1,8 +1,8 @@
 """The attack seam: what an attacker is given and what it must return.
 
-An attack is one class registered in `fedsim.core.registry.ATTACKS`. Its `target_kind` says what
-its threat model grants: "gradient" attacks get what the honest-but-curious server observed of
-one client (a `GradientTarget`); "model" attacks get what a model holder has (a
+An attack is one class registered in `fedsim.core.registry.ATTACKS`. Its base says what its
+threat model grants: a `GradientAttack` gets what the honest-but-curious server observed of
+one client (a `GradientTarget`); a `ModelAttack` gets what a model holder has (a
 `ModelTarget`: the final global model plus public auxiliary data). Each returns a
 `Reconstruction`. Ground truth never enters an attack: the runner scores afterwards.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -32,6 +32,8 @@ class GradientTarget:
     `local_steps` the steps the client reported taking. Images live in [0, 1] with shape
     `input_shape` (C, H, W). `known_labels` is empty unless the attack asked for the
     stronger threat model in which the server also knows the client's labels (`labels: known`).
+    `start` optionally fixes where an image-space attack begins: images (n, C, H, W) in [0, 1]
+    used as its first restart (the other restarts stay random); None: every restart random.
     """
 
     model: nn.Module
@@ -49,6 +51,7 @@ class GradientTarget:
     momentum: float = 0.0
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx's proximal term, sent with the other settings
+    start: torch.Tensor | None = None
 
     def parameter_update(self) -> list[torch.Tensor]:
         """The update restricted to trainable parameters, in `model.parameters()` order."""
@@ -107,26 +110,55 @@ class Reconstruction:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+TargetT = TypeVar("TargetT", GradientTarget, ModelTarget)
+GivenT = TypeVar("GivenT", AuxiliaryData, ModelTarget)
+
+
 class Attack(ABC):
-    """Base of every attack; subclasses state their threat model in `threat_model`."""
+    """Base of every attack; subclass `GradientAttack`, `ModelAttack` or
+    `fedsim.core.membership.MembershipAttack`, not this class.
+
+    `threat_model` states what the attacker is granted (a class attribute, or a property
+    when it depends on the params). `registered_name` is set by `ATTACKS.register`: the
+    name the attack runs and reports under.
+    """
 
     threat_model: ClassVar[str]
-    target_kind: ClassVar[Literal["gradient", "model"]] = "gradient"
+    registered_name: ClassVar[str | None] = None
     Params: ClassVar[type[BaseModel]]
+    needs_classes: ClassVar[bool] = False
+    """True for an attack that needs class labels (recovers them, per-class data, or scores a
+    class probability): no regression task."""
 
     def __init__(self, params: BaseModel, seed: int = 0) -> None:
         self.params = params
         self.seed = seed
 
-    def prepare(self, target: Any, workspace: Path, console: Console) -> None:
+    @classmethod
+    def check_scenario(cls, params: BaseModel, scenario: Any) -> None:
+        """Raise ValueError if the attack cannot work in `scenario` (a `Scenario`, which this
+        module cannot import: the config imports it through the registry). Called when the
+        scenario is validated, so a bad combination fails before training; default: it can."""
+
+    @property
+    def name(self) -> str:
+        """The registered name, or the class name of an attack used without the registry."""
+        return self.registered_name or type(self).__name__
+
+
+class ReconstructionAttack(Attack, Generic[TargetT, GivenT]):
+    """An attack that reconstructs private data: the base of `GradientAttack` and `ModelAttack`."""
+
+    def prepare(self, given: GivenT, workspace: Path, console: Console) -> None:
         """Learn what the attack needs once, before any `reconstruct` (e.g. a GAN on the
-        public data), caching it under `workspace` (per run); default: nothing."""
+        public data), caching it under `workspace` (per run); default: nothing. A gradient
+        attack is given the server's `AuxiliaryData`, a model attack its `ModelTarget`."""
 
     @abstractmethod
-    def reconstruct(self, target: Any) -> Reconstruction:
-        """Reconstruct private data from the target its `target_kind` names."""
+    def reconstruct(self, target: TargetT) -> Reconstruction:
+        """Reconstruct private data from what the threat model grants."""
 
-    def reconstruct_many(self, targets: list[Any]) -> list[Reconstruction]:
+    def reconstruct_many(self, targets: list[TargetT]) -> list[Reconstruction]:
         """Reconstruct several targets; attacks that vectorise over targets override this."""
         return [self.reconstruct(target) for target in targets]
 
@@ -135,3 +167,21 @@ class Attack(ABC):
         """True when the attack's params ask for the stronger threat model `labels: known`:
         only then does the runner put the client's true labels in `GradientTarget.known_labels`."""
         return getattr(self.params, "labels", None) == "known"
+
+
+class GradientAttack(ReconstructionAttack[GradientTarget, AuxiliaryData]):
+    """An attack on one observed client update (threat models 1 and 2: the curious server)."""
+
+    @abstractmethod
+    def reconstruct(self, target: GradientTarget) -> Reconstruction:
+        """Reconstruct the client's training examples from its update."""
+
+
+class ModelAttack(ReconstructionAttack[ModelTarget, ModelTarget]):
+    """An attack on the final global model plus public data (threat model 3: a model holder)."""
+
+    needs_classes = True
+
+    @abstractmethod
+    def reconstruct(self, target: ModelTarget) -> Reconstruction:
+        """Reconstruct representatives of the private classes the target names."""

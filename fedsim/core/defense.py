@@ -15,6 +15,13 @@ client-side central DP, ...). fedsim's ClientApp runs the mods of the scenario's
 scenario order, around its train handler, i.e. after every update-time `transform`; a scenario
 without such a defense runs no mod at all. A defense that acts only through its mod (Flower's
 `LocalDpMod`) subclasses `Defense` itself and names its `stage`.
+
+A defense with a client-side protocol of its own (SecAgg+) provides its mod from the class
+method `transport_mod` instead. Mods come in two layers, outermost first: every registered
+defense class's transport mod (the protocol's messages need not carry the scenario, so it is
+installed whether or not the scenario names the defense, and must pass every message it does
+not recognise through untouched), then the scenario's `client_mod`s. A transport mod thus sees
+the reply last, after every other mod (SecAgg+ masks what the others produced).
 """
 
 from __future__ import annotations
@@ -25,14 +32,15 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from flwr.clientapp.typing import Mod
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import DataLoader
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # Flower in annotations only: validating a defense's Params needs no Flower
+    from flwr.clientapp.typing import Mod
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Strategy
+
     from fedsim.core.config import Scenario
 
 Stage = Literal["train", "update", "server"]
@@ -92,12 +100,23 @@ class Defense(ABC):
     def __init__(self, params: BaseModel) -> None:
         self.params = params
 
+    @classmethod
+    def check_scenario(cls, params: BaseModel, scenario: Scenario) -> None:
+        """Raise ValueError if the defense cannot work in `scenario`. Called when the scenario
+        is validated, so a bad combination fails before a run starts; default: it can."""
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Change the architecture every party builds (server, clients, attackers); default: none."""
         return model
 
     def client_mod(self) -> Mod | None:
         """A Flower client mod to run around the client's train handler; default: none."""
+        return None
+
+    @classmethod
+    def transport_mod(cls) -> Mod | None:
+        """A Flower client mod for this defense's own protocol, outside every `client_mod`
+        (see the module docstring); default: none."""
         return None
 
     def privacy_unit(self) -> PrivacyUnit | None:

@@ -32,10 +32,13 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+
+if TYPE_CHECKING:  # Flower only where a node's context is at hand: the scenario needs seeds alone
+    from flwr.app import Context
 
 SECRET_KEY = "fedsim-secret"
 _DRAWN_SECRET = "fedsim.secret"  # Context.state record of a secret drawn from OS entropy
@@ -63,6 +66,8 @@ def client_secret(seed: int, partition_id: int) -> int:
 def node_secret(context: Context) -> int:
     """This node's secret: `fedsim-secret` from its node config, else one drawn once from OS
     entropy and kept in the node's state (under `flwr run` without that key)."""
+    from flwr.app import ConfigRecord
+
     if SECRET_KEY in context.node_config:
         return int(context.node_config[SECRET_KEY])
     if _DRAWN_SECRET not in context.state:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -32,9 +31,8 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pandas as pd
 import yaml
 from rich.console import Console
 from rich.progress import (
@@ -51,7 +49,15 @@ from rich.table import Table
 from fedsim.core.config import build_scenario
 from fedsim.core.device import set_threads
 from fedsim.core.errors import UserError
-from fedsim.core.results import RunDirectory, atomic_write_bytes, atomic_write_json
+from fedsim.core.results import (
+    LOCK,
+    RunDirectory,
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure_directory,
+    exclusive,
+    prepare_run_directory,
+)
 from fedsim.experiments.sweep_spec import Cell, Sweep, SweepFile, plain, short_names, value_text
 from fedsim.experiments.sweep_table import (
     ERROR_FILE,
@@ -64,25 +70,13 @@ from fedsim.experiments.sweep_table import (
 )
 from fedsim.experiments.tracking import MlflowTracker
 
-LOCK = ".lock"
+if TYPE_CHECKING:  # pandas where a table is built: `fedsim sweep --dry-run` needs none
+    import pandas as pd
+
 LOG = "log.txt"
 POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 SUMMARY_ROWS = 20
-
-
-@contextmanager
-def exclusive(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (released by the OS even if the process is killed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{what} is in use by another fedsim process ({path} is locked)"
-            ) from None
-        yield
 
 
 def discard_partial_writes(root: Path) -> None:
@@ -94,12 +88,10 @@ def discard_partial_writes(root: Path) -> None:
 
 @contextmanager
 def cell_log(path: Path) -> Iterator[Console]:
-    """Send this cell's console output, warnings and log records to `path`, not the terminal."""
-    import flwr  # noqa: F401  (creates Flower's logger, whose handler writes to the terminal)
+    """Send this cell's console output, warnings and log records to `path`, not the terminal.
 
-    flower = logging.getLogger("flwr")
-    flower.handlers.clear()
-    flower.propagate = True
+    Flower's records come here too: `run_federation` hands them to the root logger.
+    """
     with path.open("a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
         root = logging.getLogger()
         saved = root.handlers[:]
@@ -121,9 +113,11 @@ def run_cell(raw_scenario: dict[str, Any], run_dir: str) -> str | None:
     with exclusive(root / LOCK, f"cell '{root.name}'"):
         (root / ERROR_FILE).unlink(missing_ok=True)
         discard_partial_writes(root)
+        scenario = build_scenario(raw_scenario)
+        prepare_run_directory(scenario, root)  # scenario.yaml before the log: a fedsim run
         with cell_log(root / LOG) as console:
             try:
-                run_scenario(build_scenario(raw_scenario), root, console)
+                run_scenario(scenario, root, console)
             except Exception as err:  # the sweep goes on; the cell is retried on the next run
                 console.print(traceback.format_exc(), markup=False, highlight=False)
                 message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
@@ -344,6 +338,7 @@ def run_sweep(
             tracker.log_run(directory / cell.name, {**tags, "fedsim.seed": str(cell.seed)})
 
     started = time.perf_counter()
+    ensure_directory(directory, "output")
     with exclusive(directory / LOCK, f"sweep directory '{directory}'"):
         write_manifest(sweep)
         finished = {c.name for c in sweep.cells if run_status(directory / c.name) == "done"}
@@ -421,15 +416,30 @@ def summary_table(sweep: Sweep, table: pd.DataFrame) -> Table:
     return out
 
 
+def cell_rows(sweep: Sweep) -> list[dict[str, Any]]:
+    """The cells of a sweep and their status on disk, one mapping per cell (a dry run)."""
+    return [
+        {"cell": cell.name, "seed": cell.seed, **cell.values, "status": run_status(sweep.directory / cell.name)}
+        for cell in sweep.cells
+    ]
+
+
+def cells_frame(sweep: Sweep) -> pd.DataFrame:
+    """`cell_rows` as a table, one row per cell."""
+    import pandas as pd
+
+    return pd.DataFrame(cell_rows(sweep), columns=["cell", "seed", *sweep.axes, "status"])
+
+
 def cells_table(sweep: Sweep) -> Table:
-    """The cells of a sweep and their status on disk (`fedsim sweep --dry-run`)."""
+    """`cell_rows` for the terminal (`fedsim sweep --dry-run`, no pandas)."""
     out = Table(
         title=f"sweep {sweep.spec.name}: {len(sweep.cells)} cells -> {sweep.directory}",
         title_justify="left",
     )
     for column in ("cell", "seed", *sweep.axes, "status"):
         out.add_column(column, overflow="fold")
-    for cell in sweep.cells:
-        values = [value_text(cell.values[a]) for a in sweep.axes]
-        out.add_row(cell.name, str(cell.seed), *values, run_status(sweep.directory / cell.name))
+    for row in cell_rows(sweep):
+        values = [value_text(row[a]) for a in sweep.axes]
+        out.add_row(row["cell"], str(row["seed"]), *values, row["status"])
     return out

@@ -21,6 +21,7 @@ excluded), drawn with scikit-learn's `ParameterSampler` from `sample_seed`.
 
 Every cell's scenario is validated when the sweep is loaded, so an unknown axis field or a
 bad value fails before anything runs, as one line naming the cell and the field.
+`build_sweep` takes the same fields as a mapping (the Python API, `fedsim.sweep`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,7 +37,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedsim.core.config import Scenario, apply_override, build_scenario, read_yaml
+from fedsim.core.config import DirectoryName, Scenario, apply_override, build_scenario, read_yaml
 from fedsim.core.errors import UserError
 from fedsim.core.results import scenario_hash
 from fedsim.core.seeding import derive_seed
@@ -61,7 +62,7 @@ class SweepFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="sweep directory name")
+    name: DirectoryName = Field(description="sweep directory name")
     description: str = Field("", description="free text, shown in reports")
     base: Path | None = Field(None, description="base scenario file, relative to the sweep file")
     scenario: dict[str, Any] | None = Field(None, description="the base scenario inline")
@@ -156,9 +157,10 @@ class Cell:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A validated sweep: its file, its cells and where they are written."""
+    """A validated sweep: its file (None when built from a mapping), its cells and where
+    they are written."""
 
-    path: Path
+    path: Path | None
     spec: SweepFile
     cells: list[Cell]
 
@@ -246,31 +248,33 @@ def cell_scenario(
 def load_sweep(path: Path | str, workers: int | None = None) -> Sweep:
     """Read and validate a sweep file and every cell's scenario (UserError on any problem)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: invalid YAML: {getattr(err, 'problem', err)}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a sweep must be a YAML mapping of fields")
+    return build_sweep(read_yaml(path, "sweep"), workers, path)
+
+
+def build_sweep(raw: Mapping[str, Any], workers: int | None = None, path: Path | None = None) -> Sweep:
+    """Validate a sweep mapping, as a sweep file holds it, and every cell's scenario.
+
+    `path` is the file it came from: `base` is relative to it (else to the working
+    directory) and errors name it. `raw` is left unchanged.
+    """
+    where = str(path) if path else "sweep"
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as err:
-        raise UserError(f"{path}: {format_sweep_error(err)}") from None
+        raise UserError(f"{where}: {format_sweep_error(err)}") from None
     if workers is not None:
         spec = spec.model_copy(update={"workers": workers})
     if spec.base is not None:
         try:
-            base = read_yaml(path.parent / spec.base)
+            base = read_yaml(path.parent / spec.base if path else spec.base)
         except UserError as err:
-            raise UserError(f"{path}: base: {err}") from None
+            raise UserError(f"{where}: base: {err}") from None
     else:
         base = spec.scenario or {}
     try:
-        seeds = spec.seeds or [build_scenario(copy.deepcopy(base)).seed]
+        seeds = spec.seeds or [build_scenario(base).seed]
     except UserError as err:
-        raise UserError(f"{path}: base scenario: {err}") from None
+        raise UserError(f"{where}: base scenario: {err}") from None
     cells = []
     for index, values in enumerate(combinations(spec)):
         for seed in seeds:
@@ -279,6 +283,6 @@ def load_sweep(path: Path | str, workers: int | None = None) -> Sweep:
             except UserError as err:
                 what = "  ".join(f"{k}={value_text(v)}" for k, v in values.items())
                 reason = str(err).removeprefix("--set ")
-                raise UserError(f"{path}: cell {index} ({what}): {reason}") from None
+                raise UserError(f"{where}: cell {index} ({what}): {reason}") from None
             cells.append(Cell(index, seed, values, scenario))
     return Sweep(path, spec, cells)

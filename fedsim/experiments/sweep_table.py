@@ -8,7 +8,9 @@ DIFF2), `epsilon_client` (central DP), `epsilon_local` (local DP), `epsilon_unst
 defense that states no unit), each with a text column `epsilon_<kind>_unit` naming level,
 relation, delta, accountant and defense; see `fedsim.core.privacy`), leakage per attack
 (`<attack>_psnr`, `<attack>_ssim`, `<attack>_label_accuracy`,
-means over the attacked observations), `wall_time_s` (training plus attacks) and `run_dir`.
+means over the attacked observations; membership attacks: `<attack>_auc`,
+`<attack>_tpr_at_fpr_0.001`, `<attack>_tpr_at_fpr_0.01`, `<attack>_balanced_accuracy`, and for
+audits `<attack>_epsilon_lower_bound`), `wall_time_s` (training plus attacks) and `run_dir`.
 
 Every number is read back from the run directory, never from memory, so a resumed sweep
 and a fresh one give the same table.
@@ -20,13 +22,15 @@ import io
 import json
 import numbers
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from fedsim.core.errors import UserError
 from fedsim.core.privacy import KINDS, by_kind
-from fedsim.core.results import RunDirectory, atomic_write_bytes, read_json
+from fedsim.core.results import RunDirectory, atomic_write_bytes, read_record
+from fedsim.evaluation.membership import SUMMARY_KEYS as MEMBERSHIP_SCORES
+
+if TYPE_CHECKING:  # pandas where a table is built: `fedsim sweep --dry-run` needs none
+    import pandas as pd
 
 MANIFEST = "cells.json"
 """Written by `fedsim sweep` into the sweep directory: its axes and cells, in order."""
@@ -36,6 +40,8 @@ LEAKAGE = ("psnr", "ssim", "label_accuracy")
 """Image leakage scores of gradient attacks (the report plots these)."""
 MODEL_LEAKAGE = ("top1_accuracy", "top5_accuracy", "knn_distance")
 """Evaluation-classifier scores of model-inversion attacks (the report plots these too)."""
+MEMBERSHIP = (*MEMBERSHIP_SCORES, "epsilon_lower_bound")
+"""Membership-inference scores and the audits' empirical epsilon lower bound."""
 UTILITY = ("final_test_accuracy", "best_test_accuracy")
 PRIVACY = tuple(f"epsilon_{kind}" for kind in KINDS)
 UNITS = tuple(f"{column}_unit" for column in PRIVACY)
@@ -51,15 +57,15 @@ def run_status(run_dir: Path) -> str:
 def run_metrics(run_dir: Path) -> dict[str, Any]:
     """Utility, privacy, leakage and wall time of one finished run directory."""
     run = RunDirectory(run_dir)
-    summary = read_json(run.summary_path)
+    summary = read_record(run.summary_path, "training", "privacy", "attacks")
     training = summary["training"] or {}
     row: dict[str, Any] = {key: training.get(key) for key in UTILITY}
     for kind, (epsilon, unit) in by_kind(summary["privacy"]).items():
         row[f"epsilon_{kind}"] = epsilon
         row[f"epsilon_{kind}_unit"] = unit
     for attack, scores in summary["attacks"].items():
-        row.update({f"{attack}_{m}": scores[m] for m in (*LEAKAGE, *MODEL_LEAKAGE) if m in scores})
-    attack_seconds = sum(read_json(p).get("seconds", 0.0) for p in run.attacks_dir.glob("*/*.json"))
+        row.update({f"{attack}_{m}": scores[m] for m in (*LEAKAGE, *MODEL_LEAKAGE, *MEMBERSHIP) if m in scores})
+    attack_seconds = sum(read_record(p).get("seconds", 0.0) for p in run.attacks_dir.glob("*/*.json"))
     row["wall_time_s"] = training.get("wall_time_s", 0.0) + attack_seconds
     return row
 
@@ -79,9 +85,11 @@ def load_results(path: Path | str) -> pd.DataFrame:
 
     Unfinished cells have a row too (status pending or failed) with empty metrics.
     """
+    import pandas as pd
+
     path = Path(path)
     if (path / MANIFEST).is_file():
-        manifest = read_json(path / MANIFEST)
+        manifest = read_record(path / MANIFEST, "axes", "cells")
         axes, cells = manifest["axes"], manifest["cells"]
     elif RunDirectory(path).scenario_path.is_file():
         axes, cells = [], [{"name": ".", "index": 0, "seed": None, "values": {}}]
@@ -132,13 +140,16 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     """Utility, privacy and leakage columns present (with a value) in `table`."""
     known = [*UTILITY, *PRIVACY]
     leakage = sorted(
-        c for c in table.columns if any(c.endswith(f"_{m}") for m in (*LEAKAGE, *MODEL_LEAKAGE))
+        c for c in table.columns
+        if any(c.endswith(f"_{m}") for m in (*LEAKAGE, *MODEL_LEAKAGE, *MEMBERSHIP))
     )
     return [c for c in [*known, *leakage, "wall_time_s"] if c in table and table[c].notna().any()]
 
 
 def mean_std(mean: float, std: float, digits: int = 4) -> str:
     """'0.4471 ± 0.0039' ('-' for no value; the spread left out when it is 0)."""
+    import pandas as pd
+
     if pd.isna(mean):
         return "-"
     return f"{mean:.{digits}g} ± {std:.2g}" if std else f"{mean:.{digits}g}"
@@ -151,6 +162,8 @@ def seed_summary(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     deviation over seeds, 0 with a single seed); `seeds` counts the finished seeds; each
     `epsilon_<kind>_unit` present joins its seeds' distinct unit labels.
     """
+    import pandas as pd
+
     done = table[table["status"] == "done"]
     metrics = metric_columns(done)
     grouped = done.groupby("index", sort=True)

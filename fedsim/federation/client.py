@@ -7,6 +7,11 @@ is `node_config["partition-id"]`, as Flower's simulation assigns it. The scenari
 carries holds only the public seed; every client-side random draw comes from the node's
 secret instead (`fedsim-secret` in the node config, see `fedsim.core.seeding`).
 
+Plugins extend it at two seams: a defense's Flower mods (`Defense.transport_mod`, outermost,
+then the scenario's `Defense.client_mod`s) wrap the train handler, and each registered
+`fedsim.core.registry.CLIENT_ACTIONS` entry handles messages of type `train.<name>`
+(`fedsim.federation.client_call`).
+
 Replies carry one simulation-only record, `fedsim.truth` (the indices of the examples the
 client trained on, in order). The server's observer strips it from every reply before the
 strategy or any attacker sees the reply, and stores it only for scoring attacks.
@@ -16,105 +21,59 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.clientapp.typing import ClientAppCallable
 
-from fedsim.core.config import Scenario, build_scenario
-from fedsim.data.datasets import FederatedData, federated_data
-from fedsim.core.defense import (
-    Defense,
-    LocalTraining,
-    TrainTimeDefense,
-    UpdateTimeDefense,
-    build_defenses,
-)
-from fedsim.core.device import resolve_device, set_threads
-from fedsim.models import federated_model
-from fedsim.core.registry import load_plugins
-from fedsim.federation.secure_aggregation import secaggplus_when_requested
+from fedsim.core.defense import LocalTraining
+from fedsim.core.registry import CLIENT_ACTIONS, DEFENSES, load_plugins
 from fedsim.core.seeding import derive_seed, node_secret, numpy_global_seed, torch_generator
+from fedsim.federation.client_call import (
+    ClientAction,
+    ClientCall,
+    ClientSetup,
+    client_setup,
+    dp_reply_metrics,
+)
 from fedsim.federation.protocol import SCENARIO_KEY, TRUTH_KEY
 from fedsim.federation.training import LocalHyperParams, evaluate, train_locally
 
 app = ClientApp()
+_installed_actions: set[str] = set()  # CLIENT_ACTIONS names given a handler on `app`
 
 
 @app.lifespan()
 def plugins_loaded(context: Context) -> Iterator[None]:
-    """Load the plugins before a message is routed: they may register handlers on `app`
-    (DIFF2's "train.diff2"), also in a fresh Ray worker or under `flwr run`."""
+    """Load the plugins before a message is routed and give each registered client action its
+    handler (`train.<name>`), also in a fresh Ray worker or under `flwr run`."""
     load_plugins()
+    for name, action in CLIENT_ACTIONS:
+        if name not in _installed_actions:
+            app.train(name)(action_handler(action))
+            _installed_actions.add(name)
     yield
 
 
-@dataclass
-class ClientSetup:
-    """Everything a client process builds once per scenario and reuses for every call."""
+def action_handler(action: ClientAction) -> ClientAppCallable:
+    """The Flower handler that runs `action` on a message's content and replies with its result."""
 
-    scenario: Scenario
-    data: FederatedData
-    device: torch.device
-    train_defenses: list[TrainTimeDefense]
-    update_defenses: list[UpdateTimeDefense]
-    client_mods: list[Mod]
-    accounted_metrics: frozenset[str] | None
-    """The metric keys a client-side DP epsilon covers; None when no such defense runs."""
+    def handle(message: Message, context: Context) -> Message:
+        config = message.content["config"]
+        call = ClientCall(
+            setup=client_setup(str(config[SCENARIO_KEY])),
+            partition_id=partition_id(context),
+            secret=node_secret(context),
+            server_round=int(config["server-round"]),
+            config=config,
+            state=context.state,
+        )
+        return Message(action(message.content, call), reply_to=message)
 
-    def new_model(self) -> torch.nn.Module:
-        return federated_model(self.scenario, self.data.input_shape, self.data.num_classes)
-
-
-@lru_cache(maxsize=4)
-def client_setup(scenario_yaml: str) -> ClientSetup:
-    scenario = build_scenario(yaml.safe_load(scenario_yaml))
-    set_threads(scenario.simulation.torch_threads)
-    defenses = build_defenses(scenario.defenses)
-    return ClientSetup(
-        scenario=scenario,
-        data=federated_data(scenario.data, scenario.seed),
-        device=resolve_device(scenario.simulation.device),
-        train_defenses=[d for d in defenses if isinstance(d, TrainTimeDefense)],
-        update_defenses=[d for d in defenses if isinstance(d, UpdateTimeDefense)],
-        client_mods=[mod for d in defenses if (mod := d.client_mod()) is not None],
-        accounted_metrics=_client_side_dp_metrics(defenses),
-    )
-
-
-def _client_side_dp_metrics(defenses: list[Defense]) -> frozenset[str] | None:
-    """The epsilon keys of the client-side DP defenses (train/update time: dp_sgd, local_dp);
-    None if there is none. Server-time defenses (central DP) trust the server with metrics."""
-    units = [u for d in defenses if d.stage != "server" and (u := d.privacy_unit()) is not None]
-    return frozenset(u.metric for u in units) if units else None
-
-
-PUBLIC_METRICS = frozenset({"unit-weight", "partition-id", "local-steps"})
-"""Bookkeeping a reply may carry under DP: fixed by the server's plan, not by the data."""
-
-
-def dp_reply_metrics(
-    metrics: dict[str, Any], accounted: frozenset[str] | None, clear_text: bool
-) -> dict[str, Any]:
-    """What a client may send beside its private release.
-
-    Under client-side DP (`accounted` not None) only the accounted epsilons and public
-    bookkeeping leave: the mean loss of a private batch (train-loss), a defense's batch
-    statistic (mid_kl) and the true example count (which tells add/remove neighbours apart)
-    are outside every epsilon, so they are dropped and `num-examples` becomes 1 (FedAvg then
-    weighs clients uniformly). `training.clear_text_metrics` keeps them; the privacy record
-    then says the epsilon does not cover them (`PrivacyUnit.with_clear_text_metrics`).
-    """
-    if accounted is None or clear_text:
-        return metrics
-    kept = {k: v for k, v in metrics.items() if k in accounted or k in PUBLIC_METRICS}
-    return {**kept, "num-examples": 1}
+    return handle
 
 
 def partition_id(context: Context) -> int:
@@ -143,6 +102,13 @@ def identify(message: Message, context: Context) -> Message:
     return Message(RecordDict({"identity": identity}), reply_to=message)
 
 
+def transport_mods(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run every registered defense's `transport_mod` (SecAgg+) around everything else; each
+    passes the messages it does not recognise through, so none acts unless its server asks."""
+    mods = [mod for _, defense in DEFENSES if (mod := defense.transport_mod()) is not None]
+    return make_ffn(call_next, mods)(message, context)
+
+
 def defense_mods(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run the Flower client mods of the scenario's defenses around training (none: just train).
 
@@ -160,8 +126,8 @@ def defense_mods(message: Message, context: Context, call_next: ClientAppCallabl
         return make_ffn(call_next, setup.client_mods)(message, context)
 
 
-# SecAgg+ outermost: it masks the reply after every defense's mod has acted on it.
-@app.train(mods=[secaggplus_when_requested, defense_mods])
+# transport mods outermost: SecAgg+ masks the reply after every defense's mod has acted on it.
+@app.train(mods=[transport_mods, defense_mods])
 def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     setup = client_setup(str(config[SCENARIO_KEY]))

@@ -10,9 +10,10 @@ private masks, quantisation, unmasking) is entirely Flower's.
 - `to_fitins` (server side) turns one train message into the `FitIns` the workflow sends.
   Legacy `Parameters` lose the array names, so the names travel in the config
   (`ARRAY_NAMES_KEY`); so does a seed for Flower's stochastic quantiser (`ROUNDING_SEED_KEY`).
-- `secaggplus_when_requested` (client side, a Flower mod on the train handler) runs Flower's
-  `secaggplus_mod` for messages that carry SecAgg+ configs and lets every other message
-  through untouched, so a federation without secure aggregation is unchanged.
+- `secaggplus_when_requested` (client side, a Flower mod on the train handler: the
+  `secagg_plus` defense's `transport_mod`) runs Flower's `secaggplus_mod` for messages that
+  carry SecAgg+ configs and lets every other message through untouched, so a federation
+  without secure aggregation is unchanged.
 
 Flower's quantiser rounds stochastically with numpy's global generator; the mod seeds it from
 the node's secret and the round (and restores it afterwards), so the same scenario gives the

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterable
 from copy import deepcopy
 from itertools import count
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import uuid4
 
 import torch
@@ -39,6 +41,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.federation import client
 from fedsim.core.config import Scenario
+from fedsim.core.errors import UserError
 from fedsim.core.results import RunDirectory
 from fedsim.core.seeding import SECRET_KEY, client_secret
 from fedsim.federation.server import RoundCallback, make_server_app, serve
@@ -146,6 +149,29 @@ def ray_backend_config(scenario: Scenario) -> dict[str, Any]:
     }
 
 
+RAY_CONNECT_S = 5.0
+
+
+def check_engine(scenario: Scenario) -> None:
+    """Fail fast, naming the field, if `simulation.ray_address` names a cluster that does not
+    answer (Ray itself retries for minutes). `auto` and `local` are Ray's to resolve."""
+    address = scenario.simulation.ray_address
+    if scenario.simulation.engine != "ray" or address in (None, "auto", "local"):
+        return
+    try:
+        target = urlsplit(address if "://" in address else f"gcs://{address}")
+        host, port = target.hostname, target.port or (10001 if target.scheme == "ray" else 6379)
+        if not host:
+            raise ValueError("no host")
+        socket.create_connection((host, port), timeout=RAY_CONNECT_S).close()
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise UserError(
+            f"simulation.ray_address: no Ray cluster answers at '{address}' ({reason}); "
+            "start one (ray start --head) or set ray_address: null to start a local one"
+        ) from None
+
+
 def run_ray(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
     from flwr.simulation import run_simulation
 
@@ -162,8 +188,25 @@ def run_ray(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | Non
         )
 
 
+def quiet_flower() -> None:
+    """Hand Flower's log records to Python logging, warnings and errors only.
+
+    Flower logs every message at INFO through its own console handler (the whole scenario,
+    each round, and once more through the root logger in a notebook); fedsim reports its own
+    progress. Where the warnings go is then the application's logging configuration (the
+    CLI's, a sweep cell's log file, or a notebook's).
+    """
+    from flwr.common.logger import console_handler
+
+    flower = logging.getLogger("flwr")
+    flower.removeHandler(console_handler)
+    flower.setLevel(logging.WARNING)
+    flower.propagate = True
+
+
 def run_federation(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
     """Train the federation of `scenario` with its configured engine."""
+    quiet_flower()
     if scenario.simulation.engine == "ray":
         run_ray(scenario, run, on_round)
     else:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsim.data.datasets import TensorData
 from fedsim.core.defense import LocalTraining, TrainTimeDefense
+from fedsim.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ def train_locally(
     Opacus's BatchMemoryManager several physical batches make one logical batch and only the
     last of them steps, so `steps` and the recorded `batches` are logical ones.
     """
+    if len(data) == 0:
+        raise UserError("a client has no training examples; give every client data (data.partitioner) or use fewer clients")
     model.to(device).train()
     optimizer = make_optimizer(model, hp)
     steps = 0
@@ -149,6 +152,7 @@ def train_locally(
     batches: list[list[int]] = []
     logical_batch: list[int] = []
     while steps < total_steps:
+        steps_before_pass = steps
         for x, y, idx in loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
@@ -168,6 +172,8 @@ def train_locally(
                 logical_batch = []
             if steps == total_steps:
                 break
+        if steps == steps_before_pass:
+            raise UserError(no_step_message(len(data), defenses))
 
     metrics: dict[str, float] = {}
     for defense, state in zip(defenses, states, strict=True):
@@ -178,6 +184,16 @@ def train_locally(
         mean_loss=sum(losses) / len(losses),
         metrics=metrics,
         batches=batches,
+    )
+
+
+def no_step_message(num_examples: int, defenses: list[TrainTimeDefense]) -> str:
+    """Why a pass over the client's data counted no step (it would loop for ever)."""
+    names = ", ".join(type(d).__name__ for d in defenses) or "none"
+    return (
+        f"local training counted no optimizer step in a whole pass over {num_examples} examples "
+        f"(train-time defenses: {names}); a defense's `prepare` must return an optimizer that "
+        "steps the one it was given (wrap it, as Opacus does), not a replacement"
     )
 
 

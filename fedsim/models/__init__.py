@@ -1,23 +1,25 @@
 """Model factories: classical (and quantum, when PennyLane is installed).
 
-Importing this package registers every model in `fedsim.core.registry.MODELS`. The quantum
-models are optional: they load only when PennyLane is installed and `quantum.py` exists.
+This package declares every model in `fedsim.core.registry.MODELS` (`Registry.lazy`); a model's
+module loads when the model is first asked for. The quantum models are optional: declared only
+when PennyLane is installed.
 """
 
-from importlib import import_module
 from importlib.util import find_spec
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedsim.models import classical  # noqa: F401  (registers the classical models)
+from fedsim.core.registry import MODELS
 
 if TYPE_CHECKING:
     from torch import nn
 
     from fedsim.core.config import PluginSpec, Scenario
 
-if find_spec("pennylane") is not None and (Path(__file__).parent / "quantum.py").exists():
-    import_module("fedsim.models.quantum")
+for _name in ("mlp", "lenet", "convnet", "resnet18", "resnet20"):
+    MODELS.lazy(_name, "fedsim.models.classical")
+if find_spec("pennylane") is not None:
+    MODELS.lazy("vqc", "fedsim.models.quantum")
+    MODELS.lazy("hybrid", "fedsim.models.quantum")
 
 
 def build_model(spec: "PluginSpec", input_shape: tuple[int, ...], num_classes: int) -> "nn.Module":
@@ -25,8 +27,6 @@ def build_model(spec: "PluginSpec", input_shape: tuple[int, ...], num_classes: i
 
     A regression dataset (num_classes 0) gets a model with one output.
     """
-    from fedsim.core.registry import MODELS
-
     return MODELS.get(spec.name)(spec.params, tuple(input_shape), num_classes or 1)
 
 

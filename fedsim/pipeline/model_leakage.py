@@ -28,8 +28,9 @@ from fedsim.core.config import PluginSpec, Scenario
 from fedsim.data.datasets import FederatedData, federated_data
 from fedsim.core.errors import UserError
 from fedsim.models import federated_model
-from fedsim.core.results import RunDirectory, atomic_write_json, read_json
+from fedsim.core.results import RunDirectory, atomic_write_json, read_record
 from fedsim.core.seeding import derive_seed
+from fedsim.pipeline.reconstructions import save_reconstruction
 
 CACHE = "cache"
 SCORES = (
@@ -94,12 +95,12 @@ def attack_model(
     """Run a model-inversion attack on every target class not yet scored, and score it."""
     data = federated_data(scenario.data, scenario.public().seed)  # as the federation held it
     target = model_target(run, scenario, data)
-    out_dir = run.attacks_dir / spec.name
+    out_dir = run.attack_dir(spec, scenario)
     params = spec.model_dump(mode="json")
 
     def done(cls: int) -> bool:
         path = out_dir / f"class_{cls:02d}.json"
-        return path.exists() and read_json(path)["attack"] == params
+        return path.exists() and read_record(path, "attack")["attack"] == params
 
     todo = [c for c in attacked_classes(spec, data) if not done(c)]
     if not todo:
@@ -114,7 +115,7 @@ def attack_model(
         console,
     )
     attack.prepare(target, workspace, console)
-    training = read_json(run.training_path) if run.training_done else {}
+    training = read_record(run.training_path) if run.training_done else {}
     for cls in todo:
         torch.manual_seed(derive_seed(attack.seed, "class", cls))  # a stochastic target's noise
         started = time.perf_counter()
@@ -133,6 +134,7 @@ def attack_model(
             out_dir / f"{stem}.png",
             title=f"{spec.name}, class {cls}: nearest private example (top), reconstruction",
         )
+        save_reconstruction(recon, out_dir / f"{stem}.safetensors")
         record = {
             "attack": params,
             "threat_model": attack.threat_model,

@@ -23,9 +23,11 @@ from fedsim.evaluation.metrics import (
     save_image_grid,
     score_reconstruction,
 )
-from fedsim.pipeline import model_leakage
-from fedsim.core.attack import Attack, AuxiliaryData, GradientTarget
+from fedsim.pipeline import membership, model_leakage
+from fedsim.pipeline.reconstructions import save_reconstruction
+from fedsim.core.attack import Attack, AuxiliaryData, GradientAttack, GradientTarget
 from fedsim.core.config import PluginSpec, Scenario, build_scenario, read_yaml
+from fedsim.core.membership import MembershipAttack
 from fedsim.data.datasets import FederatedData, federated_data
 from fedsim.core.device import set_threads
 from fedsim.core.errors import UserError
@@ -33,33 +35,43 @@ from fedsim.models import federated_model
 from fedsim.federation.observer import Observation, load_observations, observed_batches
 from fedsim.core.registry import ATTACKS
 from fedsim.core.results import (
+    DIVERGED,
     RunDirectory,
     atomic_write_bytes,
     atomic_write_json,
-    prepare_run_directory,
-    read_json,
+    locked_run_directory,
+    read_record,
 )
 from fedsim.core.seeding import derive_seed
-from fedsim.federation.simulation import run_federation
+from fedsim.federation.simulation import check_engine, run_federation
 
 
 def load_run_scenario(run: RunDirectory) -> Scenario:
-    return build_scenario(read_yaml(run.require().scenario_path))
+    path = run.require().scenario_path
+    try:
+        return build_scenario(read_yaml(path))
+    except UserError as err:
+        message = str(err)
+        raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
 def run_scenario(scenario: Scenario, run_dir: str | Path | None = None, console: Console | None = None) -> RunDirectory:
-    """Train (unless done), run the scenario's attacks (unless done), write summary.json."""
+    """Train (unless done), run the scenario's attacks (unless done), write summary.json.
+
+    The run directory is locked throughout: a second process writing it gets a UserError.
+    """
     console = console or Console()
     set_threads(scenario.simulation.torch_threads)
-    run = prepare_run_directory(scenario, run_dir)
-    console.print(f"[bold]fedsim[/] {scenario.name} -> {run.root}")
-    if run.training_done:
-        console.print("training already finished; skipping to attacks")
-    else:
-        run.reset_training()
-        run_federation(scenario, run, on_round=lambda r: console.print(round_line(r, scenario)))
-    attack_run(run, scenario, scenario.attacks, console)
-    summary = write_summary(run, scenario)
+    check_engine(scenario)  # before a run directory exists
+    with locked_run_directory(scenario, run_dir) as run:
+        console.print(f"[bold]fedsim[/] {scenario.name} -> {run.root}")
+        if run.training_done:
+            console.print("training already finished; skipping to attacks")
+        else:
+            run.reset_training()
+            run_federation(scenario, run, on_round=lambda r: console.print(round_line(r, scenario)))
+        attack_run(run, scenario, scenario.attacks, console)
+        summary = write_summary(run, scenario)
     console.print(summary_table(summary))
     return run
 
@@ -84,7 +96,7 @@ def gradient_target(observation: Observation, scenario: Scenario, data: Federate
     except RuntimeError as err:
         reason = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise UserError(
-            f"observation round {observation.server_round} client {observation.client} does not "
+            f"observation round {observation.server_round} {observation.label} does not "
             f"fit model '{scenario.model.name}' ({reason}); attack it with its own scenario"
         ) from None
     update = observation.update
@@ -146,9 +158,12 @@ def attack_run(
     """
     for spec in specs:
         attack = ATTACKS.get(spec.name)(spec.params, seed=derive_seed(scenario.seed, "attack", spec.name))
-        stage = ATTACK_STAGES[attack.target_kind]
+        if isinstance(attack, MembershipAttack):
+            stage = partial(membership.attack_membership, gradient_target=gradient_target)
+        else:
+            stage = attack_observations if isinstance(attack, GradientAttack) else model_leakage.attack_model
         if rounds or clients:
-            if attack.target_kind != "gradient":
+            if not isinstance(attack, GradientAttack):
                 raise UserError(
                     f"--round/--client select recorded updates; attack '{spec.name}' attacks "
                     "the final model: drop them"
@@ -199,20 +214,27 @@ def attack_observations(
             f"'{run.root}' has no recorded observations; set observer.rounds and observer.clients"
         )
     data = federated_data(scenario.data, scenario.public().seed)  # the partitions the clients held
-    out_dir = run.attacks_dir / spec.name
+    out_dir = run.attack_dir(spec, scenario)
     prepared = False
     pending: dict[int, list[tuple[Observation, torch.Tensor, torch.Tensor]]] = {}
     for observation in observations:
         stem = observation.stem
         result_path = out_dir / f"{stem}.json"
         params = spec.model_dump(mode="json")
-        if result_path.exists() and read_json(result_path)["attack"] == params:
+        if result_path.exists() and read_record(result_path, "attack")["attack"] == params:
+            continue
+        if not all(t.isfinite().all() for t in observation.update.values()):
+            console.print(
+                f"attack {spec.name}: round {observation.server_round} {observation.label} "
+                "sent a NaN or infinite update (training diverged); nothing to attack"
+            )
+            atomic_write_json(result_path, {"attack": params, "skipped": "non-finite update"})
             continue
         truth_x, truth_y = ground_truth(run, observation, data)
         if len(truth_x) == 0:  # e.g. every Poisson-sampled DP-SGD batch came out empty
             console.print(
-                f"attack {spec.name}: round {observation.server_round} client "
-                f"{observation.client} trained on no examples; nothing to score"
+                f"attack {spec.name}: round {observation.server_round} {observation.label} "
+                "trained on no examples; nothing to score"
             )
             atomic_write_json(result_path, {"attack": params, "skipped": "no training examples"})
             continue
@@ -233,6 +255,7 @@ def attack_observations(
             scores = score_reconstruction(recon.images, truth_x, recon.labels, truth_y, recon.details)
             if truth_x.dim() == 4:
                 save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
+            save_reconstruction(recon, out_dir / f"{stem}.safetensors")
             record = {
                 "attack": spec.model_dump(mode="json"),
                 "threat_model": attack.threat_model,
@@ -246,13 +269,9 @@ def attack_observations(
             }
             atomic_write_json(out_dir / f"{stem}.json", record)
             console.print(
-                f"attack {spec.name} on round {observation.server_round} client {observation.client}: "
+                f"attack {spec.name} on round {observation.server_round} {observation.label}: "
                 f"{describe_scores(scores)} ({seconds:.1f} s)"
             )
-
-
-ATTACK_STAGES = {"gradient": attack_observations, "model": model_leakage.attack_model}
-"""How each kind of attack target is built and scored (see `fedsim.core.attack`)."""
 
 
 def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
@@ -262,19 +281,22 @@ def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "scenario": scenario.name,
         "run_dir": str(run.root),
-        "training": read_json(run.training_path) if run.training_done else None,
+        "training": read_record(run.training_path) if run.training_done else None,
         # each epsilon with its unit, as the server recorded it (see `fedsim.core.privacy`)
         "privacy": last.get("privacy", []),
         "defenses": [d.model_dump(mode="json") for d in scenario.defenses],
         "attacks": {},
     }
     for attack_dir in sorted(run.attacks_dir.glob("*")) if run.attacks_dir.exists() else []:
-        records = [r for p in sorted(attack_dir.glob("*.json")) if "psnr" in (r := read_json(p))]
+        records = [r for p in sorted(attack_dir.glob("*.json")) if "psnr" in (r := read_record(p))]
         inversions = [
-            r for p in sorted(attack_dir.glob("class_*.json")) if "top1_accuracy" in (r := read_json(p))
+            r for p in sorted(attack_dir.glob("class_*.json")) if "top1_accuracy" in (r := read_record(p))
         ]
         if inversions:
             summary["attacks"][attack_dir.name] = model_leakage.summarise(inversions)
+        memberships = [r for p in sorted(attack_dir.glob("*.json")) if "auc" in (r := read_record(p))]
+        if memberships:
+            summary["attacks"][attack_dir.name] = membership.summarise(memberships)
         if records:
             summary["attacks"][attack_dir.name] = {
                 "targets": len(records),
@@ -291,10 +313,12 @@ def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"fedsim summary: {summary['scenario']}")
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")  # paths whole, never cut with "…"
     training = summary["training"] or {}
+    if training.get("status") == DIVERGED:
+        table.add_row("status", "[red]diverged[/]: NaN or infinite weights")
     for key in ("final_test_accuracy", "best_test_accuracy", "wall_time_s"):
-        if key in training:
+        if training.get(key) is not None:
             table.add_row(key.replace("_", " "), f"{training[key]:.3f}")
     for entry in summary["privacy"]:
         table.add_row(f"epsilon ({entry['unit']})", f"{entry['epsilon']:.3f}")
@@ -303,6 +327,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
             f"{name} ({scores['targets']} targets)",
             model_leakage.describe(scores)
             if "top1_accuracy" in scores
+            else membership.describe_summary(scores)
+            if "auc" in scores
             else describe_scores(scores),
         )
     table.add_row("run directory", summary["run_dir"])
