@@ -1,0 +1,189 @@
+"""LDP sparse regression (Zhu et al. 2024) and DP-KDE classification (Backurs et al. 2024):
+noise against sensitivity, one release per client, and the estimators where the answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from scipy.stats import norm
+
+from fedsim.core.config import build_scenario
+from fedsim.data.datasets import SparseRegression
+from fedsim.defenses import dp_kde, ldp_sparse_regression as ldp
+from fedsim.federation.client_call import ClientCall, client_setup
+
+
+def gaussian_delta(sigma: float, sensitivity: float, epsilon: float) -> float:
+    """Balle & Wang's exact delta of the Gaussian mechanism, from scipy's normal cdf."""
+    a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+    return norm.cdf(a - b) - math.exp(epsilon) * norm.cdf(-a - b)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 1.0, 8.0])
+def test_analytic_gaussian_is_tight(epsilon: float) -> None:
+    sigma = ldp.analytic_gaussian_sigma(3.0, epsilon, 1e-5)
+    assert gaussian_delta(sigma, 3.0, epsilon) <= 1e-5 * (1 + 1e-6)
+    assert gaussian_delta(sigma * 0.99, 3.0, epsilon) > 1e-5  # no slack: smallest such sigma
+    if epsilon < 1:  # the classic calibration is valid there, and never tighter
+        assert sigma <= 3.0 * math.sqrt(2 * math.log(1.25 / 1e-5)) / epsilon
+
+
+def test_ldp_noise_matches_sensitivity() -> None:
+    params = ldp.LdpSparseRegressionParams(epsilon=2.0, delta=1e-5, clip_x=1.5, clip_y=0.5)
+    s_a, s_c = ldp.noise_scales(params, dim=4, examples=1)
+    # ||x~ x~^T||_F <= d tau_x^2 and ||x~ y~|| <= sqrt(d) tau_x tau_y; replace-one doubles them
+    assert s_a == pytest.approx(ldp.analytic_gaussian_sigma(2 * 4 * 1.5**2, 1.0, 5e-6))
+    assert s_c == pytest.approx(ldp.analytic_gaussian_sigma(2 * 2 * 1.5 * 0.5, 1.0, 5e-6))
+    # the worst pair of inputs really is that far apart (all coordinates at +-tau)
+    x = torch.full((1, 4), 1.5)
+    xx1, xy1 = ldp.truncated_sums(x * 3, torch.tensor([9.0]), params)
+    _, xy2 = ldp.truncated_sums(x, torch.tensor([-9.0]), params)
+    assert float((xy1 - xy2).norm()) == pytest.approx(2 * 2 * 1.5 * 0.5)
+    assert float(xx1.norm()) == pytest.approx(4 * 1.5**2)
+    # the released noise has that std (symmetric matrix: upper triangle iid)
+    generator = torch.Generator().manual_seed(0)
+    noise = ldp.symmetric_noise(200, 2.0, generator)
+    assert torch.equal(noise, noise.T)
+    assert float(noise[torch.triu_indices(200, 200)[0], torch.triu_indices(200, 200)[1]].std()) == pytest.approx(2.0, rel=0.02)
+
+
+def test_estimator_recovers_theta_without_noise() -> None:
+    data_params = SparseRegression.Params(num_examples=400, features=8, sparsity=2, noise=0.0)
+    data, theta = SparseRegression.load(data_params, 3), SparseRegression.theta(data_params, 3).double()
+    params = ldp.LdpSparseRegressionParams(sparsity=2, clip_x=100.0, clip_y=100.0, eigen_floor=1e-6)
+    xx, xy = ldp.truncated_sums(data.x, data.y, params)  # the noiseless limit of the messages
+    estimate = ldp.estimate(xx, xy, len(data), 2, 1e-6)
+    assert torch.allclose(estimate, theta, atol=1e-5)
+    assert int((estimate != 0).sum()) == 2
+
+
+def test_pooled_messages_match_per_client_sum() -> None:
+    x, y = torch.randn(300, 3), torch.randn(300)
+    params = ldp.LdpSparseRegressionParams(epsilon=1.0)
+    generator = torch.Generator().manual_seed(1)
+    per_client = [ldp.private_message(x[i : i + 1], y[i : i + 1], params, generator)[1] for i in range(300)]
+    pooled = [ldp.pooled_messages(x, y, params, generator)[1] for _ in range(300)]
+    s_c = ldp.noise_scales(params, 3, 1)[1]
+    exact = ldp.truncated_sums(x, y, params)[1]
+    per_client_noise = torch.stack(per_client).sum(0) - exact  # one draw of the summed noise
+    pooled_std = float((torch.stack(pooled) - exact).std())
+    assert pooled_std == pytest.approx(math.sqrt(300) * s_c, rel=0.1)
+    assert float(per_client_noise.abs().max()) < 5 * math.sqrt(300) * s_c
+
+
+def call_for(scenario: dict, state: RecordDict, partition: int = 0) -> ClientCall:
+    setup = client_setup(build_scenario(scenario).to_yaml())
+    return ClientCall(setup, partition, secret=7, server_round=1, config=ConfigRecord({}), state=state)
+
+
+LDP_SCENARIO = {
+    "name": "t",
+    "data": {"dataset": {"name": "sparse_regression", "num_examples": 50, "features": 4}, "num_clients": 40, "val_fraction": 0.0},
+    "model": {"name": "mlp", "hidden": []},
+    "federation": {"strategy": {"name": "ldp_sparse_regression", "epsilon": 3.0}, "rounds": 1},
+    "observer": {"rounds": "none"},
+}
+KDE_SCENARIO = {
+    "name": "t",
+    "data": {"dataset": "digits", "num_clients": 4, "val_fraction": 0.0},
+    "model": {"name": "kde", "features": 64},
+    "federation": {"strategy": {"name": "dp_kde", "epsilon": 2.0}, "rounds": 1},
+    "observer": {"rounds": "none"},
+}
+
+
+@pytest.mark.parametrize(("scenario", "action", "error"), [
+    (LDP_SCENARIO, ldp.release, ldp.AlreadyReleased),
+    (KDE_SCENARIO, dp_kde.release, dp_kde.AlreadyReleased),
+])
+def test_one_release_per_client(scenario: dict, action, error) -> None:
+    state = RecordDict()
+    setup = call_for(scenario, state).setup
+    content = RecordDict({"arrays": ArrayRecord(setup.new_model().state_dict())})
+    reply = action(content, call_for(scenario, state))
+    assert "arrays" in reply
+    with pytest.raises(error):
+        action(content, call_for(scenario, state))  # the same node, asked again
+
+
+def test_servers_ask_each_node_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Nodes:
+        def get_node_ids(self) -> list[int]:
+            return [11, 12, 13]
+
+    for module in (ldp, dp_kde):  # a Message outside a Flower run: just its destination
+        monkeypatch.setattr(module, "Message", lambda content, dst_node_id, message_type: dst_node_id)
+    for server in (ldp.LdpSparseRegressionServer(ldp.LdpSparseRegressionParams()), dp_kde.DpKdeServer(dp_kde.DpKdeParams())):
+        assert sorted(server.configure_train(1, ArrayRecord(), ConfigRecord({}), Nodes())) == [11, 12, 13]
+        assert server.configure_train(2, ArrayRecord(), ConfigRecord({}), Nodes()) == []
+
+
+def test_ldp_privacy_unit_is_local() -> None:
+    from fedsim.core.privacy import Claim
+
+    unit = ldp.LdpSparseRegressionServer(ldp.LdpSparseRegressionParams()).privacy_unit()
+    assert Claim("ldp_sparse_regression", f"max_client_{unit.metric}", unit).kind == "local"
+    kde_unit = dp_kde.DpKdeServer(dp_kde.DpKdeParams()).privacy_unit()
+    assert Claim("dp_kde", f"max_client_{kde_unit.metric}", kde_unit).kind == "example"
+
+
+def kde_model(features: int = 4000, bandwidth: float = 1.5) -> dp_kde.KdeClassifier:
+    torch.manual_seed(0)
+    return dp_kde.KdeClassifier(dp_kde.KdeClassifier.Params(features=features, bandwidth=bandwidth), (3,), 2)
+
+
+def test_feature_map_has_unit_norm_so_sensitivity_is_sqrt2() -> None:
+    model = kde_model(features=100)
+    rows = model.feature_map(torch.randn(50, 3) * 5)
+    assert torch.allclose(rows.norm(dim=1), torch.ones(50), atol=1e-5)
+    params = dp_kde.DpKdeParams(epsilon=1.0, delta=1e-5)
+    assert dp_kde.noise_scale(params, 100) == pytest.approx(ldp.analytic_gaussian_sigma(math.sqrt(2), 1.0, 1e-5))
+    laplace = dp_kde.DpKdeParams(epsilon=0.5, mechanism="laplace")
+    assert float(rows.abs().sum(1).max()) + 1 <= dp_kde.noise_scale(laplace, 100) * 0.5 + 1e-6
+    # the noise actually drawn has the calibrated scale (Laplace: std = sqrt(2) b)
+    x, y = torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
+    big = dp_kde.KdeClassifier(dp_kde.KdeClassifier.Params(features=20000), (3,), 2)
+    generator = torch.Generator().manual_seed(0)
+    for p in (params, laplace):
+        drawn = dp_kde.private_sketch(big, x, y, 2, p, generator)
+        expected = dp_kde.noise_scale(p, 20000) * (math.sqrt(2) if p.mechanism == "laplace" else 1)
+        assert float(drawn.std()) == pytest.approx(expected, rel=0.03)
+
+
+def test_kde_sketch_matches_exact_kernel_sum() -> None:
+    model = kde_model()
+    x = torch.randn(30, 3)
+    y = torch.tensor([0] * 10 + [1] * 20)
+    queries = torch.randn(5, 3)
+    model.sketch.copy_(dp_kde.class_sums(model, x, y, 2))
+    exact = torch.exp(-torch.cdist(queries, x) ** 2 / 1.5**2)
+    averages = torch.stack([exact[:, y == c].mean(1) for c in (0, 1)], 1)
+    assert torch.allclose(model(queries), averages, atol=0.05)  # RFF error ~ 1/sqrt(D/2)
+    assert torch.equal(model.sketch[:, -1], torch.tensor([10.0, 20.0]))
+
+
+def test_kde_never_predicts_a_class_whose_count_is_noise() -> None:
+    model = kde_model()
+    x = torch.randn(40, 3)
+    model.sketch.copy_(dp_kde.class_sums(model, x, torch.zeros(40, dtype=torch.long), 2))
+    model.sketch[1] = torch.randn(model.sketch.shape[1]) * 5  # an empty class: noise only
+    model.sketch[1, -1] = 2.0  # its noised count, below the server's threshold
+    model.min_count.fill_(6.0)
+    assert torch.equal(model(torch.randn(20, 3)).argmax(1), torch.zeros(20, dtype=torch.long))
+
+
+def test_dp_kde_federation_reports_accuracy_and_its_epsilon(tmp_path) -> None:
+    from fedsim.core.results import RunDirectory
+    from fedsim.federation.simulation import run_federation
+
+    scenario = build_scenario({**KDE_SCENARIO, "federation": {"strategy": {"name": "dp_kde", "epsilon": 8.0}, "rounds": 2}})
+    run = RunDirectory(tmp_path)
+    run_federation(scenario, run)
+    records = list(run.metrics())
+    assert records[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert len(records[1]["clients"]) == 4 and records[2]["clients"] == []  # round 2 asks nobody
+    (entry,) = records[-1]["privacy"]
+    assert (entry["key"], entry["epsilon"], entry["kind"]) == ("max_client_kde_epsilon", 8.0, "example")
