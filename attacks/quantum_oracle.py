@@ -92,13 +92,13 @@ class QuantumGradientOracle:
 
     def targets(self, start: int, stop: int) -> QuantumGradientOracle:
         """The oracle of targets start..stop-1 alone."""
-        labels = None if self.known_labels is None else self.known_labels[start:stop]
+        return self.subset(torch.arange(start, stop))
+
+    def subset(self, indices: Tensor) -> QuantumGradientOracle:
+        """The oracle of the targets `indices` (in that order) alone."""
+        labels = None if self.known_labels is None else self.known_labels[indices]
         return QuantumGradientOracle(
-            self.simulator,
-            self.weights[start:stop],
-            self.observed[start:stop],
-            labels,
-            self.regression,
+            self.simulator, self.weights[indices], self.observed[indices], labels, self.regression
         )
 
     def gradients(self, x: Tensor, create_graph: bool = False) -> Tensor:

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("pennylane")
@@ -20,9 +21,11 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsim.attacks.quantum_dla_snapshot import QuantumDlaSnapshot, SnapshotProblem
 from fedsim.attacks.quantum_landscape import (
     QuantumGridScan,
     feature_grid,
+    grid_scan,
     grid_size,
     local_minima,
     loss_on_grid,
@@ -30,12 +33,15 @@ from fedsim.attacks.quantum_landscape import (
 from fedsim.attacks.quantum_learned import QuantumLearned
 from fedsim.attacks.quantum_matching import QuantumGradientMatching, local_search
 from fedsim.attacks.quantum_oracle import QuantumGradientOracle, circular_distance
+from fedsim.defenses import quantum_grad_sampler  # noqa: F401  (Opacus's sampler for QuantumLayer)
 from fedsim.defenses.dp_sgd import DpSgd
 from fedsim.core.attack import GradientTarget
 from fedsim.core.config import build_scenario
 from fedsim.data.datasets import FederatedData, TensorData
 from fedsim.core.defense import LocalTraining
 from fedsim.core.errors import UserError
+from fedsim.core.seeding import derive_seed
+from fedsim.models.circuits import Circuit
 from fedsim.models.quantum import VQC, Hybrid
 from fedsim.core.registry import DATASETS
 from fedsim.pipeline.runner import run_scenario
@@ -107,7 +113,8 @@ def test_vqc_size_and_outputs(ansatz: str, encoding: str) -> None:
         == 3 * qubits * per_layer
         == sum(p.numel() for p in model.parameters())
     )
-    assert model.overparameterised == (model.circuit_parameters >= 4 * qubits)
+    assert model.informative_parameters <= model.circuit_parameters
+    assert model.overparameterised == (model.informative_parameters >= 4 * qubits)
     out = model(torch.rand(5, 3))
     assert out.shape == (5, 3) and out.dtype == torch.float32 and out.abs().max() <= 1
 
@@ -116,7 +123,9 @@ def test_hybrid_trains_any_shape_and_reports_its_circuit() -> None:
     torch.manual_seed(0)
     model = Hybrid(Hybrid.Params(hidden=[8], quantum_features=3, layers=2), (1, 8, 8), 10)
     assert model(torch.rand(4, 1, 8, 8)).shape == (4, 10)
-    assert (model.num_qubits, model.circuit_parameters, model.overparameterised) == (3, 12, True)
+    # The last layer's 3 RZ angles commute with the Z readout: 9 informative weights < 4 Nq.
+    assert (model.num_qubits, model.circuit_parameters, model.informative_parameters) == (3, 12, 9)
+    assert model.overparameterised is False
     assert model.dla_dimension() == 63  # HEA on 3 qubits generates all of su(8)
 
 
@@ -124,6 +133,75 @@ def test_dla_dimensions() -> None:
     """HEA on 2 qubits: su(4), 15. BasicEntanglerLayers (RX + CNOT ring) on 2 qubits: 3."""
     assert VQC(VQC.Params(layers=2), (2,), 2).dla_dimension() == 15
     assert VQC(VQC.Params(ansatz="basic_entangler", layers=2), (2,), 2).dla_dimension() == 3
+
+
+def test_informative_weights_and_the_one_layer_degeneracy() -> None:
+    """m = 3, L = 1: f = cos w_0 cos w_2 cos(2 pi x) cos(50 pi x); only w_0, w_2 (the RY angles
+    on qubits 0 and 2) move it, so the gradient over x has rank 1 and x is not determined.
+    L = 4: the last layer loses its 3 RZ angles and qubit 1's RY: 20 of 24 informative."""
+    one = fourier_vqc(m=3, layers=1).double()
+    assert (one.circuit_parameters, one.informative_parameters, one.overparameterised) == (6, 2, False)
+    x = torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights = one.quantum.weights.detach().expand(64, *one.quantum.weights.shape).clone()
+    (jacobian,) = torch.autograd.grad(
+        one.forward_per_example(x, weights.requires_grad_(True)).sum(), weights
+    )
+    assert torch.linalg.matrix_rank(jacobian.flatten(1)).item() == 1
+    four = fourier_vqc(m=3, layers=4)
+    assert (four.circuit_parameters, four.informative_parameters, four.overparameterised) == (24, 20, True)
+    assert fourier_vqc(m=3, layers=2).overparameterised is False  # 8 informative < 12
+
+
+def test_noise_channels_on_default_mixed_act_as_their_formulas() -> None:
+    """One qubit, one layer, <Z>: depolarising p scales it by 1 - 4p/3, amplitude damping gamma
+    maps it to (1 - gamma) <Z> + gamma. Gradients stay finite (no NaN from PennyLane's expval),
+    and the attack simulator keeps the noise: its loss vanishes at the truth."""
+    x = torch.rand(5, 1, dtype=torch.float64)
+
+    def model(**noise: float) -> VQC:
+        torch.manual_seed(0)
+        return VQC(VQC.Params(layers=1, observable="tensor_z", **noise), (1,), 1).double()
+
+    exact = model()(x)
+    p, gamma = 0.1, 0.2
+    depolarised = model(device="default.mixed", depolarizing=p)
+    assert torch.allclose(depolarised(x), (1 - 4 * p / 3) * exact, atol=1e-12)
+    damped = model(device="default.mixed", amplitude_damping=gamma)
+    assert torch.allclose(damped(x), (1 - gamma) * exact + gamma, atol=1e-12)
+    noisy = fourier_vqc(m=2, layers=2, device="default.mixed", depolarizing=0.05)
+    sample, label = random_example(1)
+    target = observed_target(noisy, sample, label)
+    assert torch.isfinite(target.update["quantum.weights"]).all()
+    oracle = QuantumGradientOracle.for_target(target, label)
+    assert oracle.simulator.params.device == "default.mixed"
+    assert oracle(sample.double(), create_graph=False).loss.item() < 1e-10
+    batch, labels = torch.rand(4, 1), torch.rand(4)  # DP-SGD's per-example gradients, noisy circuit
+    expected = per_example_loop(noisy.float(), SquaredError(reduction="sum"), batch, labels)[0]
+    wrapped = GradSampleModule(noisy, loss_reduction="sum")
+    wrapped.zero_grad()
+    SquaredError(reduction="sum")(wrapped(batch), labels).backward()
+    assert (noisy.quantum.weights.grad_sample - expected).abs().max() < 1e-6
+    wrapped._close()
+    with pytest.raises(UserError, match="need a mixed-state device"):
+        build_scenario({"model": {"name": "vqc", "depolarizing": 0.1}})
+    with pytest.raises(UserError, match="adds noise only through"):
+        build_scenario({"model": {"name": "vqc", "device": "default.mixed"}})
+
+
+def test_circuit_interface_and_dtypes() -> None:
+    """The numpy interface computes the same values; lightning returns float64 for float64
+    inputs (PennyLane's torch interface would round it to float32) and float32 for float32."""
+    torch.manual_seed(1)
+    exact = VQC(VQC.Params(), (2,), 2).double()
+    torch.manual_seed(1)
+    lightning = VQC(VQC.Params(device="lightning.qubit", diff_method="adjoint"), (2,), 2).double()
+    x = torch.rand(6, 2, dtype=torch.float64)
+    assert lightning(x).dtype == torch.float64 and torch.get_default_dtype() == torch.float32
+    assert (lightning(x) - exact(x)).abs().max() < 1e-12
+    assert lightning.float()(x.float()).dtype == torch.float32
+    numpy = Circuit(exact.params, 2, interface="numpy")
+    values = numpy(x.numpy(), exact.quantum.weights.detach().numpy())
+    assert isinstance(values, np.ndarray) and np.abs(values - exact(x).detach().numpy()).max() < 1e-12
 
 
 def test_fourier_encoding_is_periodic_with_the_predicted_spectrum() -> None:
@@ -347,6 +425,32 @@ def test_one_qubit_per_feature_gradient_matching_recovers_x() -> None:
     assert sum(d < 0.01 for d in distances) >= 5, distances
 
 
+def test_grid_scan_refines_until_the_loss_says_the_basin_was_found() -> None:
+    """A miss at 8 points per cycle (experiment 91 of 200 drawn as in benchmarks/quantum_study.py,
+    m = 3, L = 4: the true basin's nearest grid point is not among the best 8), visible in its
+    loss, and fixed by one refinement to 16 points per cycle."""
+    generator = torch.Generator().manual_seed(derive_seed(0, "quantum-study", 3, 4))
+    simulator = fourier_vqc(m=3, layers=4).double()
+    shape = simulator.quantum.circuit.weight_shape
+    weights = torch.rand(200, *shape, generator=generator, dtype=torch.float64)[91:92] * 2 * math.pi
+    x = torch.rand(200, 1, generator=generator, dtype=torch.float64)[91:92]
+    y = torch.rand(200, generator=generator, dtype=torch.float64)[91:92] * 2 - 1
+    blank = QuantumGradientOracle(simulator, weights, torch.ones(1, 24), y, regression=True)
+    oracle = QuantumGradientOracle(simulator, weights, blank.gradients(x), y, regression=True)
+    coarse = feature_grid(grid_size(oracle, 8), 1, periodic=True)  # 992 points
+    best = coarse[loss_on_grid(oracle, coarse, chunk=8192).topk(8, largest=False).indices]
+    assert circular_distance(best, x).min() > 0.01  # the polish of these 8 cannot reach x
+    scan = grid_scan(oracle, QuantumGridScan.Params(labels="known", iterations=60))
+    # It ran a second pass at 16 points per cycle: the first one's loss was above tolerance.
+    assert scan.found[0] and scan.loss[0] < 1e-3 and scan.points_per_cycle[0] == 16
+    assert scan.grid_points[0] == 992 + 1984
+    assert circular_distance(scan.x, x).item() < 1e-3
+    capped = grid_scan(
+        oracle, QuantumGridScan.Params(labels="known", max_points_per_cycle=8, iterations=5)
+    )
+    assert not capped.found[0] and capped.loss[0] > 0.1  # a miss is reported, not hidden
+
+
 def test_grid_scan_finds_x_where_minima_multiply() -> None:
     """m = 3: many local minima, yet the global scan lands on the truth."""
     x, y = random_example(7)
@@ -354,6 +458,7 @@ def test_grid_scan_finds_x_where_minima_multiply() -> None:
     recon = QuantumGridScan(QuantumGridScan.Params(labels="known"), seed=0).reconstruct(target)
     assert circular_distance(recon.images.flatten().double(), x.flatten().double()).item() < 1e-3
     assert recon.attack_loss < 1e-8
+    assert recon.details["basin_found"] and recon.details["points_per_cycle"] == 8
 
 
 def test_local_minima_multiply_with_qubits_per_feature() -> None:
@@ -384,6 +489,30 @@ def test_learned_attack_reports_its_size_and_held_out_error() -> None:
     )  # d = 4 -> 64 -> (cos, sin)
     assert recon.details["held_out_error"] < 0.1  # mean circular error on simulated clients
     assert circular_distance(recon.images.flatten().double(), x.flatten().double()).item() < 0.03
+
+
+def test_dla_snapshot_attack_solves_for_the_visible_part_of_the_snapshot() -> None:
+    """HEA on m = 2 qubits: V = su(4) (dim 15). Through V, <Z Z> = o . e(x) and the gradient is
+    c M e(x), so the least-squares snapshot is the true snapshot's part in M's row space (up
+    to c); one gradient shows rank M < 15 of its coordinates, and x still follows."""
+    x, y = random_example(3)
+    model = fourier_vqc(m=2, layers=2, seed=3)
+    problem = SnapshotProblem.of(model.quantum.circuit, model.quantum.weights)
+    e = problem.snapshots(x.double())[0]
+    with torch.no_grad():
+        assert float(problem.output @ e) == pytest.approx(model.double()(x.double()).item(), abs=1e-10)
+    model.float()
+    target = observed_target(model, x, y)
+    attack = QuantumDlaSnapshot(QuantumDlaSnapshot.Params(labels="known", iterations=30), seed=0)
+    recon = attack.reconstruct(target)
+    details = recon.details
+    assert (details["dla_dimension"], details["module_dimension"]) == (15, 15)
+    assert details["rank"] < 15 and not details["snapshot_determined"]
+    visible = torch.linalg.pinv(problem.jacobian) @ (problem.jacobian @ e)
+    snapshot = torch.tensor(details["snapshot"], dtype=torch.float64)
+    assert abs(float(snapshot @ visible) / float(visible.norm())) > 1 - 1e-4
+    assert circular_distance(recon.images.flatten().double(), x.flatten().double()).item() < 1e-3
+    assert recon.labels.item() == pytest.approx(y.item(), abs=5e-3)  # float32 gradient
 
 
 def test_attack_refuses_targets_outside_its_threat_model() -> None:

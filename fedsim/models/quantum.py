@@ -11,14 +11,18 @@ num_classes 1). The pure `vqc` reads them straight off the circuit, scaled by
 `output_scale`: the first `num_classes` per-qubit <Z_q>, or, with the single `tensor_z`
 output, (e, -e) for two classes and e for regression.
 
-Every model reports its circuit size: `num_qubits`, d = `circuit_parameters`, and whether it
-is over-parameterised in Kumar et al.'s sense (d >= 4 Nq); `dla_dimension()` gives the
-dimension of the ansatz's dynamical Lie algebra for small circuits. The first model of each
-configuration in a process logs these once.
+Every model reports its circuit size: `num_qubits`, d = `circuit_parameters`, the number of
+informative weights d_inf (those whose gradient is not identically zero,
+`Circuit.informative_weights`) and whether it is over-parameterised in Kumar et al.'s sense,
+counted on informative weights: d_inf >= 4 Nq (a weight with identically zero gradient adds
+a parameter but no information, e.g. the last layer's RZ angles of the hardware-efficient
+ansatz). `dla_dimension()` gives the dimension of the ansatz's dynamical Lie algebra for small
+circuits. The first model of each configuration in a process logs these once.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -28,7 +32,13 @@ from pydantic import Field
 from torch import nn
 
 from fedsim.core.errors import UserError
-from fedsim.models.circuits import Circuit, CircuitParams, qubit_count, weight_shape
+from fedsim.models.circuits import (
+    INFORMATIVE_MAX_QUBITS,
+    Circuit,
+    CircuitParams,
+    qubit_count,
+    weight_shape,
+)
 from fedsim.models.classical import MLP, Activation
 from fedsim.core.registry import MODELS
 
@@ -83,9 +93,21 @@ class QuantumModel(nn.Module):
         """d, the number of trainable circuit weights."""
         return self.quantum.circuit.num_weights
 
+    @functools.cached_property
+    def informative_parameters(self) -> int | None:
+        """d_inf, the weights whose gradient is not identically zero (None above
+        `INFORMATIVE_MAX_QUBITS` qubits, where it is not computed)."""
+        if self.num_qubits > INFORMATIVE_MAX_QUBITS:
+            return None
+        return int(self.quantum.circuit.informative_weights().sum())
+
     @property
-    def overparameterised(self) -> bool:
-        return self.circuit_parameters >= OVERPARAMETERISED_FACTOR * self.num_qubits
+    def overparameterised(self) -> bool | None:
+        """d_inf >= 4 Nq (None where d_inf is not computed)."""
+        informative = self.informative_parameters
+        if informative is None:
+            return None
+        return informative >= OVERPARAMETERISED_FACTOR * self.num_qubits
 
     def dla_dimension(self) -> int:
         """Dimension of the ansatz's dynamical Lie algebra (at most 4 qubits)."""
@@ -96,13 +118,15 @@ class QuantumModel(nn.Module):
         if key in _described:
             return
         _described.add(key)
-        verdict = "over" if self.overparameterised else "under"
+        verdict = {True: "over", False: "under", None: "not checked"}[self.overparameterised]
         log.info(
-            "%s: %d qubits, d = %d circuit weights (%s-parameterised: 4 Nq = %d), %s encoding, "
-            "%s x %d, device %s, diff %s, shots %s",
+            "%s: %d qubits, d = %d circuit weights, %s informative (%s-parameterised: 4 Nq = %d), "
+            "%s encoding, %s x %d, device %s, diff %s, shots %s, depolarizing %s, "
+            "amplitude damping %s",
             name,
             self.num_qubits,
             self.circuit_parameters,
+            self.informative_parameters,
             verdict,
             4 * self.num_qubits,
             params.encoding,
@@ -111,6 +135,8 @@ class QuantumModel(nn.Module):
             params.device,
             params.diff_method,
             params.shots,
+            params.depolarizing,
+            params.amplitude_damping,
         )
 
 
