@@ -119,7 +119,7 @@ def test_local_parquet_file(tmp_path: Path, hf_cache: None) -> None:
 def test_local_save_to_disk_folder(tmp_path: Path) -> None:
     image_table().save_to_disk(str(tmp_path / "saved"))
     assert_six_images(load_local(tmp_path / "saved"))
-    assert load_local(tmp_path / "saved", grayscale=True).input_shape == (1, 4, 5)
+    assert load_local(tmp_path / "saved", channels="grayscale").input_shape == (1, 4, 5)
 
 
 def test_local_image_folder(tmp_path: Path, hf_cache: None) -> None:
@@ -135,6 +135,54 @@ def test_local_image_folder(tmp_path: Path, hf_cache: None) -> None:
     ]
 
 
+def test_cifar_like_rgb_parquet_resized_cropped_and_converted(tmp_path: Path, hf_cache: None) -> None:
+    """A 40x48 RGB table read as CIFAR-10 at 32x32 and as 1-channel digits-sized inputs."""
+    red = [Image.new("RGB", (48, 40), color=(255, 0, 0)) for _ in range(4)]
+    for image in red:
+        image.paste((0, 0, 255), (0, 0, 1, 40))  # a blue band at the left edge, cropped away
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
+    datasets.Dataset.from_dict({"img": red, "label": [0, 1, 2, 0]}, features=features).to_parquet(
+        str(tmp_path / "cifar.parquet")
+    )
+    cifar = load_local(tmp_path / "cifar.parquet", resize=32, crop=32)
+    assert cifar.input_shape == (3, 32, 32)  # shorter side 40 -> 32 (38x32), centre 32x32
+    assert torch.allclose(cifar.x[:, 0].mean(), torch.tensor(1.0), atol=0.02)  # the band is cut
+    assert float(cifar.x[:, 2].max()) < 0.1
+    exact = load_local(tmp_path / "cifar.parquet", resize=[8, 12], channels="grayscale")
+    assert exact.input_shape == (1, 8, 12) and 0 <= exact.x.min() and exact.x.max() <= 1
+    with pytest.raises(UserError, match="crop: 64x64 is larger than the 40x48 images"):
+        load_local(tmp_path / "cifar.parquet", crop=64)
+
+
+def test_celeba_like_identity_column_as_labels(tmp_path: Path, hf_cache: None) -> None:
+    """Faces at 64x64 with a sparse integer identity column renumbered as classes 0..K-1."""
+    faces = [Image.new("RGB", (178, 218), color=(10 * i, 20, 30)) for i in range(5)]
+    identities = [4021, 17, 4021, 9000, 17]
+    table = datasets.Dataset.from_dict({"image": faces, "identity": identities},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "identity": datasets.Value("int64")}))  # fmt: skip
+    table.save_to_disk(str(tmp_path / "celeba"))
+    data = load_local(tmp_path / "celeba", label_column="identity", resize=64, crop=64, relabel=True)
+    assert data.input_shape == (3, 64, 64)
+    assert data.y.tolist() == [1, 0, 1, 2, 0] and data.num_classes == 3
+    assert load_local(tmp_path / "celeba", label_column="identity", resize=64, crop=64).num_classes == 9001
+
+
+def test_mixed_size_image_folder_is_resized_to_the_common_size(
+    tmp_path: Path, hf_cache: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i, size in enumerate([(5, 4), (5, 4), (10, 8), (7, 3)]):
+        folder = tmp_path / "images" / NAMES[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("L", size, color=200).save(folder / f"{i}.png")
+    data = load_local(tmp_path / "images")
+    assert len(data) == 4 and data.input_shape == (1, 4, 5)
+    assert torch.allclose(data.x, torch.full_like(data.x, 200 / 255), atol=1 / 255)
+    assert "images differ in size; resized to 4x5" in caplog.text
+    rgb = load_local(tmp_path / "images", channels="rgb", resize=[6, 6])
+    assert rgb.input_shape == (3, 6, 6)
+
+
 def test_huggingface_converts_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
@@ -147,6 +195,8 @@ def test_huggingface_converts_without_network(monkeypatch: pytest.MonkeyPatch) -
     assert_six_images(hf.load(hf.Params(path="uoft-cs/cifar100", split="test"), seed=0), channels=1)
     sample = hf.load(hf.Params(max_examples=4), seed=0)
     assert len(sample) == 4 and calls[-1] == ("ylecun/mnist", "train")
+    upscaled = hf.load(hf.Params(resize=[8, 10], channels="rgb"), seed=0)  # MNIST-like -> 3 x 8 x 10
+    assert upscaled.input_shape == (3, 8, 10) and torch.equal(upscaled.x[:, 0], upscaled.x[:, 2])
 
 
 def test_missing_column_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:

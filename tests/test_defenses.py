@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import pytest
@@ -312,6 +313,19 @@ def test_params_refuse_two_noise_sources() -> None:
         DpSgd.Params(noise_multiplier=1.0, target_epsilon=2.0)
     with pytest.raises(ValidationError, match="exactly one"):
         DpSgd.Params(noise_multiplier=None)
+
+
+def test_target_epsilon_alone_derives_the_noise() -> None:
+    params = DpSgd.Params.model_validate({"target_epsilon": 8})
+    assert params.noise_multiplier is None and params.target_epsilon == 8
+
+
+def test_opacus_empty_batch_warnings_become_one_explanation(caplog: pytest.LogCaptureFixture) -> None:
+    opacus_log = logging.getLogger("opacus.data_loader")
+    for _ in range(3):
+        opacus_log.warning("First batch is empty. We are using an empty list as a batch.")
+    assert "First batch is empty" not in caplog.text
+    assert caplog.text.count("dp_sgd: a Poisson-sampled batch came out empty") <= 1
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])

@@ -9,6 +9,7 @@ right, and Chromium loads every plot and image (non-zero natural size, a non-bla
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 from cli_helpers import run_cli
 
-from fedsim.reporting.report_figures import pareto_front
+from fedsim.evaluation.metrics import save_image_grid
+from fedsim.reporting.report_figures import axis_labels, pareto, pareto_front
 from fedsim.experiments.sweep_table import load_results, mean_std, seed_summary
 
 SCENARIO = {
@@ -49,6 +53,38 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+MATRIX_DEFENSES = [
+    [],
+    [{"name": "dp_sgd", "noise_multiplier": 0.5, "max_grad_norm": 1.0}],
+    [{"name": "gaussian_noise", "std": 0.01}],
+    [{"name": "gaussian_noise", "std": 0.1}],
+]
+MATRIX_LABELS = ["none", "dp_sgd max_grad_norm=1 noise_multiplier=0.5", "gaussian_noise std=0.01",
+                 "gaussian_noise std=0.1"]  # fmt: skip
+MATRIX_BATCH = 70  # pairs in an image grid: 64 in the grid (4 rows of 16), 6 in more/
+
+
+@pytest.fixture(scope="module")
+def matrix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A defense-matrix-like sweep: one list-valued axis (a defenses list per cell, zipped),
+    and a batch too large for one row of images."""
+    root = tmp_path_factory.mktemp("matrix")
+    scenario = {**SCENARIO, "defenses": [], "training": {"batch_size": MATRIX_BATCH, "local_steps": 1, "lr": 0.5}}
+    spec = {
+        "name": "matrix",
+        "scenario": {**scenario, "federation": {"rounds": 2}, "attacks": [{"name": "dlg", "iterations": 3}]},
+        "mode": "zip",
+        "axes": {"defenses": MATRIX_DEFENSES},
+        "output": str(root),
+    }
+    (root / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    code, out, err = run_cli("sweep", root / "sweep.yaml")
+    assert code == 0, (out, err)
+    code, out, err = run_cli("report", root / "matrix")
+    assert code == 0, (out, err)
+    return root / "matrix"
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +178,60 @@ def test_sweep_report_is_self_contained_and_matches_the_table(sweep_dir: Path) -
     )
 
 
+def test_image_grids_wrap_and_cap(tmp_path: Path) -> None:
+    """The quickstart's 142 pairs: 4 rows of 16 in the grid, the next 78 in more/ (once a
+    17,120 x 300 px strip); a later, smaller grid removes the stale more/ file."""
+    images = torch.rand((142, 1, 8, 8))
+    path = tmp_path / "round_0001_client_0001.png"
+    save_image_grid(images, images, path, title="dlg")
+    more = tmp_path / "more" / path.name
+    (width, height), (more_width, more_height) = png_size(path.read_bytes()), png_size(more.read_bytes())
+    assert 1500 < width < 2500 and 600 < height < 1200  # 16 x 4 pairs
+    assert more_width == width and more_height > height  # 16 x 5 pairs (78)
+    save_image_grid(images[:3], images[:3], path)
+    assert png_size(path.read_bytes())[0] >= 300 and not more.exists()
+
+
+def test_axis_labels_are_short() -> None:
+    values = [json.dumps(v, sort_keys=True) for v in MATRIX_DEFENSES]
+    assert axis_labels(values) == MATRIX_LABELS
+    assert axis_labels([0.5, 2.0]) == ["0.5", "2"] and axis_labels(["sgd", "adam"]) == ["sgd", "adam"]
+    both = json.dumps([{"name": "topk", "keep_fraction": 0.1}, {"name": "quantize", "method": "int8"}])
+    assert axis_labels([both]) == ["topk keep_fraction=0.1 + quantize method=int8"]
+
+
+def test_one_point_frontier_is_drawn() -> None:
+    summary = pd.DataFrame(
+        {"index": [0], "x": [1.0], "final_test_accuracy": [0.9], "final_test_accuracy_std": [0.0],
+         "dlg_psnr": [12.0], "dlg_psnr_std": [0.0]}
+    )  # fmt: skip
+    plot = pareto(summary, ["x"])
+    red = [c for c in plot.axes[0].collections if c.get_label() == "Pareto frontier"]
+    assert len(red) == 1 and len(red[0].get_offsets()) == 1
+
+
+def test_list_valued_sweep_report_has_short_labels_and_capped_grids(matrix_dir: Path) -> None:
+    page = Page()
+    page.feed((matrix_dir / "report.html").read_text())
+    assert not [c for c in page.cells if '{"' in c or "[{" in c]  # no JSON in any table
+    for label in MATRIX_LABELS:
+        assert page.cells.count(label) >= 2  # the spread and all-cells tables
+    assert "#" in page.cells
+    grids = sorted(matrix_dir.glob("cell-*/attacks/dlg/round_0001_client_0000.png"))
+    assert len(grids) == len(MATRIX_DEFENSES)
+    del grids[1]  # DP-SGD's Poisson-sampled batch is not the whole batch
+    for grid in grids:
+        width, height = png_size(grid.read_bytes())
+        assert (width, height) == png_size(grids[0].read_bytes()) and 1500 < width < 2500
+        assert (grid.parent / "more" / grid.name).is_file()  # the 6 pairs beyond 64
+    markdown = (matrix_dir / "report.md").read_text()
+    more = re.findall(r"\[more pairs\]\(([^)]+)\)", markdown)
+    assert len(more) == len(grids) and all((matrix_dir / m).is_file() for m in more)
+    assert len(page.images) == 3 + len(MATRIX_DEFENSES)  # the more/ files are linked, not inlined
+    strength = png_size((matrix_dir / "report_files" / "strength_defenses.png").read_bytes())
+    assert strength[0] >= 500 and strength[1] >= 800  # four stacked panels, readable labels
+
+
 def test_single_run_report(tmp_path: Path) -> None:
     scenario = tmp_path / "run.yaml"
     scenario.write_text(yaml.safe_dump(SCENARIO))
@@ -155,7 +245,9 @@ def test_single_run_report(tmp_path: Path) -> None:
     assert len(page.images) == 2  # accuracy and epsilon per round; one reconstruction grid
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"{summary['training']['final_test_accuracy']:.4g}" in page.cells
-    assert "round_0001_client_0000" in page.cells
+    assert "round_0001_client_0000" in page.cells and "dlg" in page.cells  # not its parameters
+    if CHROMIUM:
+        assert_sane_layout(rendered(run_dir / "report.html", tmp_path), 2)
 
     code, out, err = run_cli("report", tmp_path / "nothing")
     assert code == 2 and err.startswith("error: ") and "neither a sweep directory" in err
@@ -187,10 +279,11 @@ def test_model_inversion_sweep_report_plots_attack_accuracy(tmp_path: Path) -> N
 
     markdown = (tmp_path / "mi" / "report.md").read_text()
     assert "## Utility-leakage Pareto frontier" in markdown
-    assert "| setting | final accuracy | mi_face_top1_accuracy |" in markdown
     assert "class_00: top-1 " in markdown  # the reconstructions' captions
     page = Page()
     page.feed((tmp_path / "mi" / "report.html").read_text())
+    frontier = ["#", "setting", "final accuracy", "mi_face_top1_accuracy"]  # the frontier table
+    assert any(page.cells[i : i + 4] == frontier for i in range(len(page.cells)))
     assert len(page.images) == 2 + 2 * 1  # strength plot, Pareto; one image per cell
     table = load_results(tmp_path / "mi")
     for value in table["mi_face_top1_accuracy"]:
@@ -202,39 +295,70 @@ def chromium(*args: str | Path, user_data: Path) -> subprocess.CompletedProcess[
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(
+PROBE = """<script>window.addEventListener('load', () => {
+  const images = [...document.images].map(i => { const r = i.getBoundingClientRect();
+    return [i.naturalWidth, i.naturalHeight, Math.round(r.width), Math.round(r.height)]; });
+  const overflowing = [...document.querySelectorAll('td, th, p, h1, h2, figcaption, small')]
+    .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent.slice(0, 80));
+  const found = {images, overflowing, page: document.documentElement.scrollWidth, window: innerWidth};
+  const p = document.createElement('pre'); p.id = 'probe'; p.hidden = true;
+  p.textContent = JSON.stringify(found); document.body.appendChild(p); });</script>"""
+"""Lists, once the page has loaded: every image's natural and rendered size, the text
+elements whose content is wider than their box, and the page's width against the window's."""
+
+
+def rendered(report: Path, tmp_path: Path) -> dict:
+    """What Chromium (1200 x 1600 px window) shows of `report` (see PROBE)."""
+    page = tmp_path / f"probe-{report.parent.name}.html"
+    page.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
+    dom = chromium(
+        "--virtual-time-budget=10000", "--window-size=1200,1600", "--dump-dom", page.as_uri(),
+        user_data=tmp_path / "profile-probe",
+    )
+    found = re.search(r'<pre id="probe" hidden="">([^<]*)</pre>', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
+def screenshot(report: Path, tmp_path: Path, height: int = 1600) -> np.ndarray:
+    shot = tmp_path / f"shot-{report.parent.name}.png"
+    chromium(
+        "--hide-scrollbars", f"--window-size=1200,{height}", f"--screenshot={shot}", report.as_uri(),
+        user_data=tmp_path / "profile-shot",
+    )
+    return matplotlib.image.imread(shot)[..., :3]
+
+
+def assert_sane_layout(found: dict, images: int) -> None:
+    """Every image loaded at a readable size (none a sliver, none a 17,000 px strip), no text
+    wider than its box, and nothing wider than the window (wide tables scroll in their box)."""
+    assert len(found["images"]) == images
+    for natural_w, natural_h, shown_w, shown_h in found["images"]:
+        assert natural_w <= 4000 and natural_h <= 4000, found["images"]
+        assert shown_w >= 300 and shown_h >= 150, found["images"]
+    assert not found["overflowing"], found["overflowing"]
+    assert found["page"] <= found["window"], (found["page"], found["window"])
+
+
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None,
     reason="chromium not installed (scripts/test.sh installs it with apt-get where it can)",
 )
+
+
+@needs_chromium
 def test_chromium_renders_every_plot_and_image(sweep_dir: Path, tmp_path: Path) -> None:
     run_cli("report", sweep_dir)
-    html = (sweep_dir / "report.html").read_text()
-    # a copy with a probe that lists every image's natural size once the page has loaded
-    probe = (
-        "<script>window.addEventListener('load', () => { const p = document.createElement('pre');"
-        " p.id = 'probe'; p.textContent = JSON.stringify([...document.images].map("
-        "i => [i.naturalWidth, i.naturalHeight])); document.body.appendChild(p); });</script>"
-    )
-    page = tmp_path / "probe.html"
-    page.write_text(html.replace("</body>", probe + "</body>"))
-    dom = chromium(
-        "--virtual-time-budget=10000", "--dump-dom", page.as_uri(), user_data=tmp_path / "profile1"
-    )
-    found = re.search(r'<pre id="probe">([^<]*)</pre>', dom.stdout)
-    assert found, dom.stderr[-2000:]
-    sizes = json.loads(found.group(1))
-    assert len(sizes) == 3 + len(NOISE) * len(SEEDS)
-    assert all(width > 100 and height > 100 for width, height in sizes), sizes
-
-    shot = tmp_path / "shot.png"
-    chromium(
-        "--hide-scrollbars",
-        "--window-size=1200,1600",
-        f"--screenshot={shot}",
-        (sweep_dir / "report.html").as_uri(),
-        user_data=tmp_path / "profile2",
-    )
-    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert_sane_layout(rendered(sweep_dir / "report.html", tmp_path), 3 + len(NOISE) * len(SEEDS))
+    pixels = screenshot(sweep_dir / "report.html", tmp_path)
     assert pixels.shape[:2] == (1600, 1200)
     colours = np.unique((pixels.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
     assert len(colours) > 100 and pixels.std() > 0.05  # plots and text, not a blank page
+
+
+@needs_chromium
+def test_chromium_renders_the_list_valued_sweep_report(matrix_dir: Path, tmp_path: Path) -> None:
+    assert_sane_layout(rendered(matrix_dir / "report.html", tmp_path), 3 + len(MATRIX_DEFENSES))
+    pixels = screenshot(matrix_dir / "report.html", tmp_path, height=6000)
+    drawn = np.flatnonzero((pixels < 0.9).any(axis=(1, 2)))
+    assert pixels.std() > 0.05 and drawn.max() > 3000  # plots, tables and grids down the page

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics.functional.image import (
@@ -202,32 +200,73 @@ def describe_scores(scores: dict) -> str:
     return "  ".join(parts)
 
 
-def save_image_grid(truth: Tensor, recon: Tensor, path: Path, title: str = "") -> None:
-    """Write a PNG: true images on the top row, their best-matched reconstructions below.
+GRID_COLUMNS = 16
+"""Truth-over-reconstruction pairs per row of an image grid (about 2,000 px wide at most)."""
+GRID_ROWS = 4
+"""Rows of pairs in a grid file; the pairs beyond go to `more_path` (at most `MORE_ROWS` rows)."""
+MORE_ROWS = 16
 
-    The file appears atomically (written beside `path`, then renamed over it), so a reader
-    never sees half an image.
+
+def more_path(path: Path) -> Path:
+    """Where `save_image_grid` puts the pairs that do not fit in `path`: `more/<name>` beside
+    it, out of the way of readers that take one PNG per attacked observation."""
+    return path.parent / "more" / path.name
+
+
+def save_image_grid(truth: Tensor, recon: Tensor, path: Path, title: str = "") -> None:
+    """Write a PNG of true images over their best-matched reconstructions, `GRID_COLUMNS`
+    pairs a row and at most `GRID_ROWS` rows, so the file stays readable however large the
+    batch; the next pairs (up to `MORE_ROWS` rows) go to `more_path(path)`, linked by reports.
     """
     truth_idx, recon_idx = pair_by_best_match(recon, truth)
     recon = recon.detach().cpu()[recon_idx].clamp(0, 1)
     truth = truth.detach().cpu()[truth_idx].clamp(0, 1)
-    count = truth.shape[0]
-    figure = Figure(figsize=(1.2 * count + 0.8, 3.0))
+    path = Path(path)
+    shown = GRID_COLUMNS * GRID_ROWS
+    count = len(truth)
+    write_grid(truth[:shown], recon[:shown], path, title + (f" (pairs 1-{shown} of {count})" if count > shown else ""))
+    if count > shown:
+        end = min(count, shown + GRID_COLUMNS * MORE_ROWS)
+        more_title = f"{title} (pairs {shown + 1}-{end} of {count})"
+        write_grid(truth[shown:end], recon[shown:end], more_path(path), more_title)
+    else:
+        more_path(path).unlink(missing_ok=True)
+
+
+def write_grid(truth: Tensor, recon: Tensor, path: Path, title: str) -> None:
+    """One PNG, written atomically (beside `path`, then renamed over it): rows of up to
+    `GRID_COLUMNS` pairs, truth above reconstruction."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    count = len(truth)
+    columns = min(count, GRID_COLUMNS)
+    pair_rows = -(-count // GRID_COLUMNS)
+    width, height = max(4.0, 1.1 * columns + 0.6), 2.2 * pair_rows + 0.5  # inches; room for the title
+    figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, count, squeeze=False)
-    for row, (name, images) in enumerate((("truth", truth), ("reconstruction", recon))):
-        for column, image in enumerate(images):
-            axis = axes[row][column]
+    axes = figure.subplots(2 * pair_rows, columns, squeeze=False)
+    # margins in inches (room for the row names and the title), whatever the grid's size
+    figure.subplots_adjust(left=0.45 / width, right=1 - 0.1 / width, bottom=0.1 / height,
+                           top=1 - 0.45 / height, wspace=0.1, hspace=0.1)  # fmt: skip
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for index in range(count):
+        pair_row, column = divmod(index, GRID_COLUMNS)
+        for offset, image in enumerate((truth[index], recon[index])):
+            axis = axes[2 * pair_row + offset][column]
+            axis.set_axis_on()
             if image.shape[0] == 1:
                 axis.imshow(image[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
             else:
                 axis.imshow(image.permute(1, 2, 0).numpy())
             axis.set_xticks([])
             axis.set_yticks([])
-        axes[row][0].set_ylabel(name)
+    for pair_row in range(pair_rows):  # large type: reports show a wide grid scaled down
+        axes[2 * pair_row][0].set_ylabel("truth", fontsize=12)
+        axes[2 * pair_row + 1][0].set_ylabel("reconstruction", fontsize=12)
     if title:
-        figure.suptitle(title)
-    path = Path(path)
+        figure.suptitle(title, fontsize=14)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -237,4 +276,3 @@ def save_image_grid(truth: Tensor, recon: Tensor, path: Path, title: str = "") -
     except BaseException:
         os.unlink(temporary)
         raise
-

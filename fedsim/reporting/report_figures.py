@@ -7,9 +7,11 @@ values, metric means in column M and the spread over seeds in M_std (drawn as er
 from __future__ import annotations
 
 import io
+import json
 import math
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,16 +44,89 @@ def png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def parse_value(value: Any) -> Any:
+    """An axis value as swept: the results table keeps lists and mappings as JSON text."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def is_plugin_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value)
+
+
+def compact(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def axis_labels(values: Sequence[Any]) -> list[str]:
+    """Short text for each value of one axis: numbers as %g; a list of plugins (a `defenses`
+    axis) as 'none' or each plugin's name with the parameters that tell its values on this
+    axis apart, e.g. 'dp_sgd noise_multiplier=0.5' (all its parameters if it appears once)."""
+    parsed = [parse_value(v) for v in values]
+    variants: dict[str, dict[str, dict]] = {}
+    for value in parsed:
+        for spec in value if is_plugin_list(value) else []:
+            variants.setdefault(spec["name"], {})[json.dumps(spec, sort_keys=True)] = spec
+
+    def telling(name: str) -> list[str]:
+        specs = list(variants[name].values())
+        keys = list(dict.fromkeys(k for spec in specs for k in spec if k != "name"))
+        if len(specs) == 1:
+            return keys
+        return [k for k in keys if len({json.dumps(spec.get(k)) for spec in specs}) > 1]
+
+    def label(value: Any) -> str:
+        if not is_plugin_list(value):
+            return compact(value)
+        if not value:
+            return "none"
+        return " + ".join(
+            " ".join([spec["name"], *(f"{k}={compact(spec[k])}" for k in telling(spec["name"]) if k in spec)])
+            for spec in value
+        )
+
+    return [label(value) for value in parsed]
+
+
 def combination_labels(summary: pd.DataFrame, axes: Sequence[str]) -> list[str]:
-    """'noise_multiplier=0.1, keep_fraction=0.5' for every row."""
+    """'noise_multiplier=0.1, keep_fraction=0.5' for every row; a list-valued axis by its
+    short labels ('dp_sgd noise_multiplier=0.5'), without the axis name."""
     short = short_names(axes)
+    columns = {a: axis_labels(summary[a].tolist()) for a in axes}
     return [
         ", ".join(
-            f"{short[a]}={row[a]:g}" if isinstance(row[a], float) else f"{short[a]}={row[a]}"
+            columns[a][i] if is_plugin_list(parse_value(summary[a].iloc[i])) else f"{short[a]}={columns[a][i]}"
             for a in axes
         )
-        for _, row in summary.iterrows()
+        for i in range(len(summary))
     ]
+
+
+def point_numbers(summary: pd.DataFrame) -> list[str]:
+    """'1', '2', ...: how plots name the settings, matching the report tables' '#' column."""
+    return [str(i + 1) for i in range(len(summary))]
+
+
+def annotate_points(plot: Axes, xs: Sequence[float], ys: Sequence[float], names: Sequence[str]) -> None:
+    """Write each point's number beside it; points at one spot share one label ('2, 5'), and
+    neighbours alternate sides so their labels do not sit on each other."""
+    spots: dict[tuple[float, float], list[str]] = {}
+    for x, y, name in zip(xs, ys, names):
+        if np.isfinite(x) and np.isfinite(y):
+            spots.setdefault((round(float(x), 3), round(float(y), 4)), []).append(name)
+    offsets = ((5, 4), (5, -11), (-8, 4), (-8, -11))
+    for rank, ((x, y), shared) in enumerate(sorted(spots.items())):
+        dx, dy = offsets[rank % len(offsets)]
+        plot.annotate(
+            ", ".join(shared), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+            ha="left" if dx > 0 else "right",
+        )
 
 
 def attacks_of(summary: pd.DataFrame, metric: str | None = None) -> list[str]:
@@ -110,10 +185,8 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, axes: Sequence[str]) -> tuple[Fig
         errorbar(
             axis, finite[column], ACCURACY, finite, xerr=finite[f"{column}_std"], linestyle="none"
         )
-        for label, (_, row) in zip(combination_labels(finite, axes), finite.iterrows()):
-            axis.annotate(
-                label, (row[column], row[ACCURACY]), textcoords="offset points", xytext=(5, 5), fontsize=7
-            )
+        numbers = [n for n, keep in zip(point_numbers(summary), np.isfinite(summary[column].astype(float))) if keep]
+        annotate_points(axis, finite[column].tolist(), finite[ACCURACY].tolist(), numbers)
         axis.set_xscale("log")
         axis.set_xlabel(epsilon_label(finite, column), fontsize=8)
         axis.set_ylabel("final test accuracy")
@@ -122,7 +195,7 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, axes: Sequence[str]) -> tuple[Fig
         if infinite := int(np.isinf(summary[column].astype(float)).sum()):
             left_out.append(f"{infinite} with infinite {column}")
     figure.tight_layout()
-    caption = "Mean ± std over seeds; one panel per kind of guarantee." + (
+    caption = "Mean ± std over seeds; one panel per kind of guarantee; numbers are the settings' #." + (
         f" Not shown (no noise): {', '.join(left_out)}." if left_out else ""
     )
     return figure, caption
@@ -136,42 +209,57 @@ def epsilon_label(summary: pd.DataFrame, column: str) -> str:
 
 
 def strength_positions(values: pd.Series) -> tuple[pd.Series, list[str] | None]:
-    """x positions of an axis's values: the numbers, or 0..n-1 for text (with tick labels)."""
+    """x positions of an axis's values: the numbers, or 0..n-1 for text and lists (with their
+    short labels as ticks, in sweep order)."""
     if pd.api.types.is_numeric_dtype(values):
         return values.astype(float), None
     order = list(dict.fromkeys(values))
-    return values.map(order.index).astype(float), order
+    return values.map(order.index).astype(float), axis_labels(order)
 
 
 def leakage_vs_strength(summary: pd.DataFrame, axes: Sequence[str], axis_name: str) -> Figure:
     """Utility and every leakage metric against one axis (the defense strength).
 
-    One line per attack and per combination of the other axes' values.
+    One line per attack and per combination of the other axes' values. A numeric axis gets
+    its panels side by side; a categorical one (text, a list of defenses) one panel per row,
+    wide enough for its labels, which are written once under the last panel.
     """
     others = [a for a in axes if a != axis_name]
+    categorical = not pd.api.types.is_numeric_dtype(summary[axis_name])
+    order = "index" if categorical else axis_name
+    other_labels = pd.Series(combination_labels(summary, others), index=summary.index) if others else None
     groups = summary.groupby(others, sort=False) if others else [((), summary)]
     metrics = leakage_metrics(summary)
     panels = [ACCURACY, *metrics]
-    figure = Figure(figsize=(4.0 * len(panels), 3.6))
-    plots = np.atleast_1d(figure.subplots(1, len(panels)))
+    _, ticks = strength_positions(summary[axis_name])
+    if ticks is not None:
+        width = max(6.0, 0.55 * len(ticks) + 2.5)
+        figure = Figure(figsize=(width, 2.6 * len(panels) + 1.2))
+        plots = np.atleast_1d(figure.subplots(len(panels), 1, sharex=True))
+    else:
+        figure = Figure(figsize=(4.0 * len(panels), 3.6))
+        plots = np.atleast_1d(figure.subplots(1, len(panels)))
     for _, group in groups:
-        group = group.sort_values(axis_name)
-        x, ticks = strength_positions(group[axis_name])
-        suffix = f" ({', '.join(combination_labels(group.head(1), others))})" if others else ""
+        group = group.sort_values(order)
+        x = strength_positions(summary[axis_name])[0].loc[group.index]
+        suffix = f" ({other_labels[group.index[0]]})" if other_labels is not None else ""
         errorbar(plots[0], x, ACCURACY, group, label=f"accuracy{suffix}")
         for panel, metric in zip(plots[1:], metrics):
             for attack in attacks_of(group, metric):
                 errorbar(panel, x, f"{attack}_{metric}", group, label=f"{attack}{suffix}")
     short = short_names(axes)[axis_name]
+    values = strength_positions(summary[axis_name])[0]
     for panel, metric in zip(plots, panels):
-        panel.set_title("final test accuracy" if metric == ACCURACY else LEAKAGE_LABELS[metric])
-        panel.set_xlabel(short)
+        panel.set_title("final test accuracy" if metric == ACCURACY else LEAKAGE_LABELS[metric], fontsize=10)
         panel.grid(alpha=0.3)
-        if ticks is not None:
-            panel.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
-        elif (x > 0).sum() >= 2 and x.max() / x[x > 0].min() >= 20:
-            panel.set_xscale("symlog", linthresh=x[x > 0].min())
         panel.legend(fontsize=7)
+        if ticks is None:
+            panel.set_xlabel(short)
+            if (values > 0).sum() >= 2 and values.max() / values[values > 0].min() >= 20:
+                panel.set_xscale("symlog", linthresh=values[values > 0].min())
+    if ticks is not None:
+        plots[-1].set_xticks(range(len(ticks)), ticks, rotation=35, ha="right", fontsize=8)
+        plots[-1].set_xlabel(short)
     figure.tight_layout()
     return figure
 
@@ -195,13 +283,14 @@ def pareto_front(leakage: Sequence[float], utility: Sequence[float]) -> list[boo
 
 
 def pareto(summary: pd.DataFrame, axes: Sequence[str]) -> Figure | None:
-    """Final accuracy against each attack's headline leakage, with the Pareto frontier drawn."""
+    """Final accuracy against each attack's headline leakage, with the Pareto frontier drawn;
+    each point is numbered by its setting's # in the report's tables."""
     attacks = attacks_of(summary)
     if not attacks:
         return None
     figure = Figure(figsize=(5.5 * len(attacks), 4.2))
     plots = np.atleast_1d(figure.subplots(1, len(attacks)))
-    labels = combination_labels(summary, axes)
+    numbers = point_numbers(summary)
     for plot, attack in zip(plots, attacks):
         leak = headline(summary, attack)
         plot.errorbar(
@@ -218,22 +307,12 @@ def pareto(summary: pd.DataFrame, axes: Sequence[str]) -> Figure | None:
         front = summary[
             pareto_front(summary[leak].tolist(), summary[ACCURACY].tolist())
         ].sort_values(leak)
-        plot.step(
-            front[leak],
-            front[ACCURACY],
-            where="post",
-            color="tab:red",
-            marker="o",
-            label="Pareto frontier",
+        if len(front) > 1:
+            plot.step(front[leak], front[ACCURACY], where="post", color="tab:red")
+        plot.scatter(  # markers too, so a frontier of one setting shows
+            front[leak], front[ACCURACY], color="tab:red", s=40, zorder=3, label="Pareto frontier"
         )
-        for label, (_, row) in zip(labels, summary.iterrows()):
-            plot.annotate(
-                label,
-                (row[leak], row[ACCURACY]),
-                textcoords="offset points",
-                xytext=(5, 4),
-                fontsize=7,
-            )
+        annotate_points(plot, summary[leak].tolist(), summary[ACCURACY].tolist(), numbers)
         metric = LEAKAGE_LABELS[leak.removeprefix(f"{attack}_")]
         plot.set_xlabel(f"{attack} {metric} (lower = less leakage)")
         plot.set_ylabel("final test accuracy")
