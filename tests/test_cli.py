@@ -62,8 +62,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     scenario.write_text(yaml.safe_dump({**TINY, "output": {"dir": str(tmp / "runs")}}))
     code, out, err = run_cli("run", scenario)
     assert (code, err) == (0, ""), out
-    runs = list((tmp / "runs" / "tiny").iterdir())
+    runs = [p for p in (tmp / "runs" / "tiny").iterdir() if p.name != "latest"]
     assert len(runs) == 1
+    assert (tmp / "runs" / "tiny" / "latest").resolve() == runs[0].resolve()  # the newest run
+    assert str(runs[0]) in out.replace("\n", "")  # the summary names the run directory whole
     return TrainedRun(scenario, runs[0], out)
 
 
@@ -83,6 +85,8 @@ def test_list_shows_every_plugin_and_parameter() -> None:
             assert f"│ {name} " in out, f"{registry.kind} '{name}' missing from `fedsim list`"
             for param in registry.get(name).Params.model_fields:
                 assert f"{param}=" in out, f"{registry.kind} '{name}' parameter '{param}'"
+    assert "proximal_mu=0.01: weight of the proximal term" in out  # with its description
+    assert "hidden=[128, 64]" in out  # a list default as written, not eaten as rich markup
     for param, registry_kind, plugin in (("alpha", "partitioner", "dirichlet"),
                                          ("noise_multiplier", "defense", "dp_sgd")):
         registry = next(r for r in ALL_REGISTRIES if r.kind == registry_kind)
@@ -155,19 +159,27 @@ def test_attack_idlg_on_batched_updates_is_a_one_line_error(run_copy: Path) -> N
     assert not list((run_copy / "attacks" / "idlg").glob("*.json"))
 
 
+def other_result_set(run: Path, attack: str) -> Path:
+    """The one result folder of `attack` run with settings other than the scenario's."""
+    (folder,) = (run / "attacks").glob(f"{attack}-*")
+    return folder
+
+
 def test_attack_existing_run_with_new_parameters(run_copy: Path) -> None:
     metrics = (run_copy / "metrics.jsonl").read_bytes()
+    own = json_files(run_copy / "attacks" / "dlg")
     code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "iterations=3")
     assert (code, err) == (0, ""), out
     assert out.count("attack dlg on round 1") == 4  # the new parameters redo every target
-    attack_dir = run_copy / "attacks" / "dlg"
+    assert json_files(run_copy / "attacks" / "dlg") == own  # the scenario's results are kept
+    attack_dir = other_result_set(run_copy, "dlg")
     records = [json.loads(p.read_text()) for p in sorted(attack_dir.glob("*.json"))]
     assert len(records) == 4 and len(list(attack_dir.glob("*.png"))) == 4
     assert all(r["attack"]["iterations"] == 3 for r in records)
     assert all(0.0 <= r["label_accuracy"] <= 1.0 for r in records)
     assert (run_copy / "metrics.jsonl").read_bytes() == metrics  # no retraining
     summary = json.loads((run_copy / "summary.json").read_text())
-    assert summary["attacks"]["dlg"]["targets"] == 4
+    assert summary["attacks"]["dlg"]["targets"] == summary["attacks"][attack_dir.name]["targets"] == 4
 
     # the same attack again is already done: nothing is rewritten
     before = json_files(attack_dir)
@@ -180,7 +192,7 @@ def test_attack_set_changes_only_the_named_parameter_of_the_scenario_attack(run_
     """The scenario runs dlg with iterations=5 (default 300): `--set labels=inferred` keeps 5."""
     code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "labels=inferred")
     assert (code, err) == (0, ""), out
-    records = [json.loads(p.read_text()) for p in (run_copy / "attacks" / "dlg").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in other_result_set(run_copy, "dlg").glob("*.json")]
     assert records and all(r["attack"]["labels"] == "inferred" for r in records)
     assert all(r["attack"]["iterations"] == 5 for r in records)
 

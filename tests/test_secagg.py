@@ -154,5 +154,5 @@ def test_cli_exits_2_on_a_bad_setting(tmp_path: Path) -> None:
     )
     assert code == 2
     assert err.strip().splitlines() == [
-        "error: defenses.secagg_plus needs at least 2 clients per round (federation.clients_per_round)"
+        "error: scenario: defenses.secagg_plus needs at least 2 clients per round (federation.clients_per_round)"
     ]

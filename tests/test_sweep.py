@@ -279,24 +279,28 @@ def test_sigkill_mid_sweep_then_rerun_resumes_without_loss_or_duplicates(tmp_pat
 
 
 def test_results_table_failures_and_retry(tmp_path: Path) -> None:
-    # iDLG needs batch size 1: the batch-2 cells fail when attacked, the others finish
-    # (one worker: the parallel path is the kill test's)
-    scenario = {**TINY, "attacks": [{"name": "idlg", "iterations": 5}]}
+    # central DP's accounting needs FedAvg's average: the FedAdam cells fail when the server
+    # starts, the others finish (one worker: the parallel path is the kill test's)
+    scenario = {
+        **TINY,
+        "defenses": [*TINY["defenses"], "central_dp_fixed"],
+        "attacks": [{"name": "idlg", "iterations": 5}],
+    }
     path = write_sweep(
         tmp_path,
         scenario=scenario,
         workers=1,
         seeds=[3],
-        axes={"training.batch_size": [1, 2], "defenses.0.keep_fraction": [1.0, 0.5]},
+        axes={"federation.strategy": ["fedavg", "fedadam"], "defenses.0.keep_fraction": [1.0, 0.5]},
     )
     code, out, err = run_cli("sweep", path)
     assert code == 1, (out, err)
-    assert out.count("failed") >= 2 and "attack 'idlg' needs batch size 1" in out
+    assert out.count("failed") >= 2 and "changes the average before the DP noise" in out
 
     table = load_results(tmp_path / "out" / "s")
     assert len(table) == 4
     assert table["status"].tolist() == ["done", "done", "failed", "failed"]
-    assert table["training.batch_size"].tolist() == [1, 1, 2, 2]
+    assert table["federation.strategy"].tolist() == ["fedavg", "fedavg", "fedadam", "fedadam"]
     assert table["defenses.0.keep_fraction"].tolist() == [1.0, 0.5, 1.0, 0.5]
     for column in (
         "seed",
@@ -317,7 +321,7 @@ def test_results_table_failures_and_retry(tmp_path: Path) -> None:
         assert row["wall_time_s"] > summary["training"]["wall_time_s"]
     assert table.loc[table["status"] == "failed", "final_test_accuracy"].isna().all()
     error = (Path(table.loc[2, "run_dir"]) / "error.txt").read_text()
-    assert "needs batch size 1" in error
+    assert "changes the average before the DP noise" in error
 
     parquet = pd.read_parquet(tmp_path / "out" / "s" / "results.parquet")
     pd.testing.assert_frame_equal(parquet, table)
@@ -336,7 +340,7 @@ def test_results_table_failures_and_retry(tmp_path: Path) -> None:
         scenario=scenario,
         workers=1,
         seeds=[3],
-        axes={"training.batch_size": [1], "defenses.0.keep_fraction": [1.0, 0.5]},
+        axes={"federation.strategy": ["fedavg"], "defenses.0.keep_fraction": [1.0, 0.5]},
     )
     code, out, err = run_cli("sweep", fixed)
     assert code == 0 and "2 cells (2 already done)" in out, (out, err)

@@ -12,21 +12,27 @@ overrides and turns every problem into a one-line `UserError` naming the field.
 
 from __future__ import annotations
 
+import copy
+import math
 import re
+from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
+from fedsim.core.attack import GradientAttack
 from fedsim.core.errors import UserError
 from fedsim.core.registry import (
     ATTACKS,
@@ -40,10 +46,57 @@ from fedsim.core.registry import (
 from fedsim.core.seeding import public_seed
 
 
+MAX_SEED = 2**63 - 1
+"""Seeds are 63-bit (a root of secrets must not be guessable by trying 2**32 values); every
+library that takes a smaller seed gets one derived from it (`fedsim.core.seeding`)."""
+
+
+def _types_in(annotation: Any) -> set[Any]:
+    """Every type an annotation names, through unions, containers, Literal and Annotated."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return {type(arg) for arg in args}
+    return set().union(*map(_types_in, args)) if args else {annotation}
+
+
+def refuse_lax_value(annotation: Any, value: Any) -> None:
+    """Refuse what lax validation would quietly accept for a field of type `annotation`: a
+    YAML boolean where a number goes (`rounds: true` would become 1) and a non-finite float
+    (a NaN or infinite lr trains nothing, and JSON has no infinity). Items of lists are
+    checked too; mappings are plugin specs, which check their own parameters."""
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if isinstance(item, list):
+            refuse_lax_value(annotation, item)
+        elif isinstance(item, bool) and not {bool, Any} & _types_in(annotation):
+            raise ValueError(f"expected a number, got the boolean {str(item).lower()}")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"expected a finite number, got {item}")
+
+
+def _directory_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise ValueError(
+            f"{name!r} names a directory: use letters, digits, '_', '-' and '.', "
+            "not starting with '.'"
+        )
+    return name
+
+
+DirectoryName = Annotated[str, AfterValidator(_directory_name)]
+"""A scenario's or sweep's name, which becomes a directory: never '.', '..' or a path."""
+
+
 class Section(BaseModel):
     """A scenario section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: Any) -> Any:
+        refuse_lax_value(cls.model_fields[info.field_name].annotation, value)
+        return value
 
 
 class PluginSpec(BaseModel):
@@ -76,6 +129,12 @@ def _plugin_validator(registry: Registry[Any]) -> BeforeValidator:
             plugin = registry.get(name)
         except UserError as err:
             raise ValueError(str(err)) from None
+        for key, item in raw.items():
+            if key in plugin.Params.model_fields:
+                try:
+                    refuse_lax_value(plugin.Params.model_fields[key].annotation, item)
+                except ValueError as err:
+                    raise ValueError(f"{registry.kind} '{name}' parameter '{key}': {err}") from None
         try:
             params = plugin.Params.model_validate(raw)
         except ValidationError as err:
@@ -88,7 +147,7 @@ def _plugin_validator(registry: Registry[Any]) -> BeforeValidator:
                     f"allowed: {allowed}"
                 ) from None
             raise ValueError(f"{registry.kind} '{name}' parameter '{where}': {first['msg']}") from None
-        return PluginSpec(name=name, params=params)
+        return PluginSpec(name=getattr(plugin, "registered_name", name), params=params)
 
     return BeforeValidator(parse)
 
@@ -99,6 +158,19 @@ ModelSpec = Annotated[PluginSpec, _plugin_validator(MODELS)]
 StrategySpec = Annotated[PluginSpec, _plugin_validator(STRATEGIES)]
 DefenseSpec = Annotated[PluginSpec, _plugin_validator(DEFENSES)]
 AttackSpec = Annotated[PluginSpec, _plugin_validator(ATTACKS)]
+
+
+class CanaryConfig(Section):
+    """Audit canaries: mislabelled test examples, each in a client's data with some probability."""
+
+    count: int = Field(0, ge=0, description="canaries (0: none); drawn from the test set, which loses them")
+    clients: list[Annotated[int, Field(ge=0)]] | Literal["all"] = Field(
+        "all", description="partition ids the canaries are designated to, round-robin (a client "
+        "trains on its included ones)"
+    )
+    probability: float = Field(
+        0.5, gt=0, lt=1, description="each canary's inclusion probability (1/2 for the one-run audit)"
+    )
 
 
 class DataConfig(Section):
@@ -118,16 +190,22 @@ class DataConfig(Section):
         description="classes kept out of the federation (train and test) and given to "
         "model-inversion attackers as public auxiliary data; the rest are private",
     )
+    canaries: CanaryConfig = Field(
+        default_factory=CanaryConfig, description="DP-audit canaries (fedsim.data.canaries)"
+    )
 
 
 class TrainingConfig(Section):
     """Local training on each client (what the server sends as hyper-parameters)."""
 
-    local_epochs: int = Field(1, ge=1, description="passes over the local data per round")
+    local_epochs: int = Field(1, ge=1, le=10_000, description="passes over the local data per round")
     local_steps: int | None = Field(
-        None, ge=1, description="if set, exactly this many batches per round (overrides epochs)"
+        None,
+        ge=1,
+        le=1_000_000,
+        description="if set, exactly this many batches per round (overrides epochs)",
     )
-    batch_size: int = Field(16, ge=1, description="local mini-batch size")
+    batch_size: int = Field(16, ge=1, le=1_000_000, description="local mini-batch size")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="local optimizer")
     lr: float = Field(0.05, gt=0, description="local learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
@@ -166,10 +244,11 @@ class SimulationConfig(Section):
         "cpu", description="where clients train; cuda falls back to cpu with a message"
     )
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
-    torch_threads: int = Field(1, ge=1, description="torch threads per client process")
+    torch_threads: int = Field(1, ge=1, le=1024, description="torch threads per client process")
     secret_seed: int | None = Field(
         None,
         ge=0,
+        le=MAX_SEED,
         description="root of the simulated clients' secret randomness, never sent (null: "
         "derived from seed, secret only while seed is unguessable)",
     )
@@ -196,10 +275,13 @@ class OutputConfig(Section):
 class Scenario(Section):
     """A complete fedsim run."""
 
-    name: str = Field("scenario", pattern=r"^[A-Za-z0-9_.-]+$", description="run family name")
+    name: DirectoryName = Field("scenario", description="run family name")
     description: str = Field("", description="free text, shown in reports")
     seed: int = Field(
-        0, ge=0, description="derives every other seed; keeps client noise secret only if unguessable"
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="derives every other seed; keeps client noise secret only if unguessable",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSpec = Field("mlp", description="registered model and its params")
@@ -225,6 +307,11 @@ class Scenario(Section):
             raise ValueError(
                 f"federation.evaluate_clients_per_round exceeds data.num_clients={n}"
             )
+        if self.federation.evaluate_clients_per_round and self.data.val_fraction == 0:
+            raise ValueError(
+                "federation.evaluate_clients_per_round needs validation data: set "
+                "data.val_fraction above 0, or evaluate_clients_per_round: 0"
+            )
         if isinstance(self.observer.clients, list):
             bad = [c for c in self.observer.clients if not 0 <= c < n]
             if bad:
@@ -234,13 +321,25 @@ class Scenario(Section):
             if bad:
                 raise ValueError(f"observer.rounds {bad} outside 1..{self.federation.rounds}")
         strategy = self.federation.strategy.name
-        inverting = [a.name for a in self.attacks if ATTACKS.get(a.name).target_kind == "gradient"]
+        inverting = [a.name for a in self.attacks if issubclass(ATTACKS.get(a.name), GradientAttack)]
         if inverting and not getattr(STRATEGIES.get(strategy), "releases_weights", True):
             raise ValueError(
                 f"attacks {inverting} invert recorded weight updates, but under strategy "
                 f"'{strategy}' clients release noised gradients, which the observer does not "
                 "record; drop those attacks or use a weight-averaging strategy (e.g. fedavg)"
             )
+        dataset = self.data.dataset.name
+        if getattr(DATASETS.get(dataset), "regression", False):
+            classifying = [a.name for a in self.attacks if ATTACKS.get(a.name).needs_classes]
+            if classifying:
+                raise ValueError(
+                    f"attacks {classifying} recover class labels, but data.dataset '{dataset}' "
+                    "is a regression task; drop them or use a classification dataset"
+                )
+        for spec in self.attacks:
+            ATTACKS.get(spec.name).check_scenario(spec.params, self)
+        for spec in self.defenses:
+            DEFENSES.get(spec.name).check_scenario(spec.params, self)
         return self
 
     @property
@@ -320,8 +419,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise UserError(f"--set {text!r}: empty field name")
     try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=StrictLoader) if raw else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip().split("."), value
 
@@ -356,26 +455,76 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
         node = child
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from `path`, or a one-line UserError."""
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML would silently
+    keep the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; give each field once", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+MAX_DEPTH = 32
+"""Deeper YAML is no scenario (sections, plugin specs and lists nest a few levels)."""
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether `data` nests more than MAX_DEPTH levels (iterative: deep input would overflow
+    a recursive walk; shared YAML aliases are visited once)."""
+    stack, seen = [(data, 1)], set()
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)) or id(node) in seen:
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        seen.add(id(node))
+        stack += [(child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)]
+    return False
+
+
+def read_yaml(path: Path, what: str = "scenario") -> dict[str, Any]:
+    """A YAML mapping from `path` (a `what` file), or a one-line UserError naming the file."""
     if not path.is_file():
-        raise UserError(f"scenario file '{path}' not found")
+        raise UserError(f"{what} file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+        data = yaml.load(text, Loader=StrictLoader)
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {err.start}); a {what} file is YAML saved as UTF-8"
+        ) from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply; a {what} nests at most {MAX_DEPTH} levels") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise UserError(f"{path}{line}: invalid YAML: {problem}") from None
     if data is None:
-        return {}
+        raise UserError(f"{path}: the file is empty; a {what} file needs at least a name, e.g. 'name: mine'")
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a scenario must be a YAML mapping of fields, got {type(data).__name__}")
+        raise UserError(f"{path}: a {what} must be a YAML mapping of fields, got {type(data).__name__}")
+    if _too_deep(data):
+        raise UserError(f"{path}: nested too deeply; a {what} nests at most {MAX_DEPTH} levels")
     return data
 
 
-def build_scenario(data: dict[str, Any], overrides: list[str] = ()) -> Scenario:
-    """Validate a raw mapping plus `--set` overrides into a Scenario (UserError on failure)."""
+def build_scenario(data: Mapping[str, Any], overrides: list[str] = ()) -> Scenario:
+    """Validate a raw mapping plus `--set` overrides into a Scenario (UserError on failure).
+
+    `data` is left as it was: overrides go to a deep copy, so one mapping can seed many scenarios.
+    """
+    data = copy.deepcopy(dict(data))
     for text in overrides:
         path, value = parse_override(text)
         apply_override(data, path, value)

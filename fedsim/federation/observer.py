@@ -47,13 +47,21 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from fedsim.core.config import Scenario
 from fedsim.core.errors import UserError
 from fedsim.federation.grid_view import GridView
 from fedsim.federation.protocol import AGGREGATE_KEY, TRUTH_KEY
-from fedsim.core.results import RunDirectory, atomic_write_bytes, atomic_write_json
+from fedsim.core.results import (
+    RETRAIN,
+    RunDirectory,
+    atomic_write_bytes,
+    atomic_write_json,
+    damaged,
+    read_record,
+)
 from fedsim.federation.training import LocalHyperParams
 
 AGGREGATE_CLIENT = -1
@@ -76,6 +84,11 @@ class Observation:
     hyperparams: LocalHyperParams
     local_steps: int
     aggregate_of: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """Whose update this is, for people: `client 3`, or `aggregate` (never `client -1`)."""
+        return "aggregate" if self.aggregate_of else f"client {self.client}"
 
     @property
     def stem(self) -> str:
@@ -120,21 +133,35 @@ def load_observations(run_dir: Path | str) -> list[Observation]:
     paths = [*run.observations_dir.glob("round_*/client_*.safetensors")]
     paths += run.observations_dir.glob("round_*/aggregate.safetensors")
     for path in paths:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["fedsim"])
-        observations.append(
-            Observation(
-                server_round=meta["server_round"],
-                client=meta["client"],
-                global_state=load_file(str(path.parent / "global.safetensors")),
-                client_state=load_file(str(path)),
-                num_examples=meta["num_examples"],
-                hyperparams=LocalHyperParams(**meta["hyperparams"]),
-                local_steps=meta["local_steps"],
-                aggregate_of=tuple(meta.get("aggregate_of", ())),
-            )
-        )
+        observations.append(_read_observation(path))
     return sorted(observations, key=lambda o: (o.server_round, o.client))
+
+
+def _read_observation(path: Path) -> Observation:
+    """One recorded observation, or a one-line UserError naming the damaged file."""
+    global_path = path.parent / "global.safetensors"
+    try:
+        global_state = load_file(str(global_path))
+    except (OSError, SafetensorError) as err:
+        raise damaged(global_path, str(err), RETRAIN) from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["fedsim"])
+        observation = Observation(
+            server_round=int(meta["server_round"]),
+            client=int(meta["client"]),
+            global_state=global_state,
+            client_state=load_file(str(path)),
+            num_examples=int(meta["num_examples"]),
+            hyperparams=LocalHyperParams(**meta["hyperparams"]),
+            local_steps=int(meta["local_steps"]),
+            aggregate_of=tuple(map(int, meta.get("aggregate_of", ()))),
+        )
+    except KeyError as err:
+        raise damaged(path, f"its fedsim metadata lacks {err}", RETRAIN) from None
+    except (OSError, SafetensorError, ValueError, TypeError) as err:
+        raise damaged(path, f"{type(err).__name__}: {err}", RETRAIN) from None
+    return observation
 
 
 def load_ground_truth(run_dir: Path | str, server_round: int, client: int) -> list[list[int]]:
@@ -142,7 +169,7 @@ def load_ground_truth(run_dir: Path | str, server_round: int, client: int) -> li
     path = _round_dir(RunDirectory(run_dir).ground_truth_dir, server_round) / f"client_{client:04d}.json"
     if not path.is_file():
         raise UserError(f"no ground truth for round {server_round}, client {client} in '{run_dir}'")
-    return json.loads(path.read_text())["batches"]
+    return read_record(path, "batches", fix=RETRAIN)["batches"]
 
 
 def observed_batches(run_dir: Path | str, observation: Observation) -> dict[int, list[list[int]]]:
@@ -152,7 +179,7 @@ def observed_batches(run_dir: Path | str, observation: Observation) -> dict[int,
     path = _round_dir(RunDirectory(run_dir).ground_truth_dir, observation.server_round) / "aggregate.json"
     if not path.is_file():
         raise UserError(f"no ground truth for the aggregate of round {observation.server_round} in '{run_dir}'")
-    return {int(pid): batches for pid, batches in json.loads(path.read_text())["clients"].items()}
+    return {int(pid): batches for pid, batches in read_record(path, "clients", fix=RETRAIN)["clients"].items()}
 
 
 class ObservingGrid(GridView):

@@ -27,6 +27,7 @@ from fedsim.models import federated_model
 from fedsim.federation.observer import ObservingGrid
 from fedsim.core.registry import STRATEGIES
 from fedsim.core.results import (
+    DIVERGED,
     RunDirectory,
     atomic_write_bytes,
     atomic_write_json,
@@ -139,12 +140,16 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     if scenario.output.save_model:
         contiguous = {k: v.contiguous() for k, v in final.items()}
         atomic_write_bytes(run.model_path, save(contiguous))
-    last = list(run.metrics())[-1]
+    trained = [r for r in run.metrics() if r["round"] > 0]  # round 0: the untrained model
+    finite = all(t.isfinite().all() for t in final.values() if t.is_floating_point())
     atomic_write_json(
         run.training_path,
         {
-            "final_test_accuracy": last["test_accuracy"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in run.metrics()),
+            "status": "finished" if finite else DIVERGED,
+            "final_test_accuracy": trained[-1]["test_accuracy"],
+            "best_test_accuracy": max(
+                (r["test_accuracy"] for r in trained if r["test_accuracy"] is not None), default=None
+            ),
             "rounds": scenario.federation.rounds,
             "wall_time_s": round(time.perf_counter() - started, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(),

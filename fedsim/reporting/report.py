@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedsim.reporting import report_figures as figures
+from fedsim.evaluation.metrics import more_path
+from fedsim.reporting import audit_figures, report_figures as figures
 from fedsim.core.errors import UserError
-from fedsim.core.results import RunDirectory, atomic_write_bytes, read_json
+from fedsim.core.results import RunDirectory, atomic_write_bytes, read_record
 from fedsim.experiments.sweep_spec import short_names
 from fedsim.experiments.sweep_table import (
     MANIFEST,
@@ -35,7 +37,9 @@ from fedsim.experiments.sweep_table import (
 )
 
 FIGURES_DIR = "report_files"
-GRID_HEIGHT_PX = 170
+GRID_MAX_WIDTH_PX = 900
+GRID_MAX_HEIGHT_PX = 560
+"""An image grid in a table cell is shown at its own size, scaled down to fit these."""
 
 
 @dataclass
@@ -50,11 +54,13 @@ class Text:
 
 @dataclass
 class Picture:
-    """A PNG and where the Markdown report finds it (a path relative to the report)."""
+    """A PNG and where the Markdown report finds it (a path relative to the report); `more`:
+    the file holding the pairs an image grid had no room for (relative too), if any."""
 
     path: str
     data: bytes
     caption: str
+    more: str | None = None
 
 
 Cell = str | list[Picture]
@@ -88,7 +94,8 @@ def figure(name: str, plot: Figure, caption: str) -> Picture:
 
 def image_grid(root: Path, cells: pd.DataFrame, labels: list[str], per_cell: int) -> TableBlock:
     """One row per finished cell, one column per attack: its truth-vs-reconstruction PNGs
-    (the first `per_cell` attacked observations), with their scores."""
+    (the first `per_cell` attacked observations), with their scores and a link to the pairs
+    beyond the grid's cap (`fedsim.evaluation.metrics.more_path`)."""
     runs = [RunDirectory(path) for path in cells["run_dir"]]
     attacks = sorted(
         {
@@ -105,12 +112,19 @@ def image_grid(root: Path, cells: pd.DataFrame, labels: list[str], per_cell: int
         for attack in attacks:
             pictures = []
             for image in sorted((run.attacks_dir / attack).glob("*.png"))[:per_cell]:
-                caption = score_caption(image.stem, read_json(image.with_suffix(".json")))
-                relative = image.resolve().relative_to(root.resolve()).as_posix()
-                pictures.append(Picture(relative, image.read_bytes(), caption))
+                caption = score_caption(image.stem, read_record(image.with_suffix(".json")))
+                more = more_path(image)
+                pictures.append(
+                    Picture(relative_to(image, root), image.read_bytes(), caption,
+                            relative_to(more, root) if more.is_file() else None)
+                )  # fmt: skip
             row.append(pictures)
         rows.append(row)
     return TableBlock(["setting", "seed", *attacks], rows)
+
+
+def relative_to(path: Path, root: Path) -> str:
+    return path.resolve().relative_to(root.resolve()).as_posix()
 
 
 def score_caption(name: str, scores: dict) -> str:
@@ -118,12 +132,24 @@ def score_caption(name: str, scores: dict) -> str:
     verdict (model inversion)."""
     if "psnr" in scores:
         return f"{name}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}"
+    if "fpr" in scores:  # a membership attack's ROC curve (fedsim.evaluation.membership)
+        return f"{name}: {scores['members']} members, {scores['non_members']} non-members"
     return f"{name}: top-1 {scores['top1_accuracy']:.2f}, KNN distance {scores['knn_distance']:.2f}"
 
 
+def with_short_axes(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """`table` with each axis value as its short label ('dp_sgd noise_multiplier=0.5', not
+    a JSON list of parameter mappings), so the numbers stay on screen."""
+    table = table.copy()
+    for axis in axes:
+        table[axis] = figures.axis_labels(table[axis].tolist())
+    return table
+
+
 def spread_table(summary: pd.DataFrame, axes: list[str], metrics: list[str]) -> TableBlock:
-    """Settings with 'mean ± std' over seeds of every metric."""
-    spread = summary[[*axes, "seeds"]].copy()
+    """Settings (numbered as in the plots) with 'mean ± std' over seeds of every metric."""
+    spread = with_short_axes(summary, axes)[[*axes, "seeds"]]
+    spread.insert(0, "#", figures.point_numbers(summary))
     for metric in metrics:
         spread[metric] = [mean_std(m, s) for m, s in zip(summary[metric], summary[f"{metric}_std"])]
     return frame_table(spread)
@@ -139,32 +165,35 @@ def pareto_blocks(summary: pd.DataFrame, axes: list[str]) -> list[Block]:
             "pareto",
             plot,
             "Red: the settings no other setting beats on both accuracy and leakage (PSNR of "
-            "gradient attacks; top-1 accuracy of model-inversion attacks).",
+            "gradient attacks; top-1 accuracy of model-inversion attacks). Numbers are the "
+            "settings' # in the table above.",
         ),
     ]
     labels = figures.combination_labels(summary, axes)
+    numbers = figures.point_numbers(summary)
     accuracy = "final_test_accuracy"
     for attack in figures.attacks_of(summary):
         leak = figures.headline(summary, attack)
         front = figures.pareto_front(summary[leak].tolist(), summary[accuracy].tolist())
         rows: list[list[Cell]] = [
             [
+                number_,
                 label,
                 mean_std(row[accuracy], row[f"{accuracy}_std"]),
                 mean_std(row[leak], row[f"{leak}_std"]),
             ]
-            for label, on_front, (_, row) in zip(labels, front, summary.iterrows())
+            for number_, label, on_front, (_, row) in zip(numbers, labels, front, summary.iterrows())
             if on_front
         ]
         blocks += [
             Text(f"On the frontier for {attack}:"),
-            TableBlock(["setting", "final accuracy", leak], rows),
+            TableBlock(["#", "setting", "final accuracy", leak], rows),
         ]
     return blocks
 
 
 def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
-    manifest = read_json(root / MANIFEST)
+    manifest = read_record(root / MANIFEST, "axes", "sweep")
     axes: list[str] = manifest["axes"]
     table = load_results(root)
     done = table[table["status"] == "done"]
@@ -180,6 +209,7 @@ def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
         ),
         Heading("Mean and spread over seeds"),
         spread_table(summary, axes, metric_columns(done)),
+        *skipped_note(done["run_dir"]),
     ]
     accuracy = figures.accuracy_vs_epsilon(summary, axes)
     if accuracy is not None:
@@ -187,6 +217,9 @@ def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
             Heading("Accuracy against epsilon, per kind of guarantee"),
             figure("accuracy_vs_epsilon", *accuracy),
         ]
+    audit = audit_figures.empirical_vs_reported(summary)
+    if audit is not None:
+        blocks += [Heading("Audited against reported epsilon"), figure("audit_epsilon", *audit)]
     blocks.append(Heading("Utility and leakage against defense strength"))
     short = short_names(axes)
     for axis in axes:
@@ -199,16 +232,36 @@ def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
         Heading("Reconstructions per cell (top: truth, bottom: reconstruction)"),
         image_grid(root, done, figures.combination_labels(done, axes), per_cell),
         Heading("All cells"),
-        frame_table(table.drop(columns=["run_dir"])),
+        frame_table(with_short_axes(table, axes).drop(columns=["run_dir"])),
     ]
     return f"fedsim sweep report: {manifest['sweep']}", blocks
+
+
+def skipped_note(run_dirs: pd.Series) -> list[Block]:
+    """Why some scores are '-': attacked observations whose client trained on no examples
+    (every Poisson-sampled DP-SGD batch empty, likely at batch size 1) have nothing to score."""
+    skipped = sum(
+        "skipped" in read_record(path)
+        for run_dir in run_dirs
+        for path in RunDirectory(run_dir).attacks_dir.glob("*/*.json")
+    )
+    if not skipped:
+        return []
+    return [
+        Text(
+            f"{skipped} attacked observation(s) had nothing to score: the client trained on "
+            "no examples (every Poisson-sampled DP-SGD batch came out empty, likely at batch "
+            "size 1), so its update is noise only. Means leave them out; '-' marks a "
+            "setting where no observation was left to score."
+        )
+    ]
 
 
 def run_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
     run = RunDirectory(root).require()
     if not run.summary_path.is_file():
         raise UserError(f"'{root}': the run has not finished (no summary.json); rerun it first")
-    scenario = read_json(run.summary_path)["scenario"]
+    scenario = read_record(run.summary_path, "scenario")["scenario"]
     row = load_results(root)
     blocks: list[Block] = [Heading("Summary"), frame_table(row.drop(columns=["run_dir", "index"]))]
     rounds = pd.DataFrame(list(run.metrics()))
@@ -219,12 +272,15 @@ def run_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
             figure("rounds", plot, "Global test accuracy and privacy spent per round."),
         ]
     paths = sorted(run.attacks_dir.glob("*/*.json")) if run.attacks_dir.exists() else []
-    records = [{"attack": p.parent.name, "target": p.stem, **read_json(p)} for p in paths]
+    records = [
+        {**read_record(p), "attack": p.parent.name, "target": p.stem} for p in paths
+    ]  # the target's name, not the attack's parameter mapping, leads each row
     if records:
-        columns = ["attack", "target", "psnr", "ssim", "label_accuracy", "seconds"]
+        columns = ["attack", "target", "psnr", "ssim", "label_accuracy", "seconds", "skipped"]
         blocks += [
             Heading("Leakage per attacked observation"),
             frame_table(pd.DataFrame(records).reindex(columns=columns)),
+            *skipped_note(row["run_dir"]),
         ]
     blocks += [
         Heading("Reconstructions (top: truth, bottom: reconstruction)"),
@@ -235,11 +291,11 @@ def run_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1500px;padding:0 1em;color:#222}
-.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:13px;margin:1em 0}
+.scroll{overflow:auto;max-height:80vh;margin:1em 0}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top;white-space:nowrap}
-th{background:#f3f3f3}figure{margin:1em 0}figcaption,small{font-size:12px;color:#555}
-img{max-width:100%}td img{height:GRIDpx;max-width:none;display:block}
-""".replace("GRID", str(GRID_HEIGHT_PX))
+th{background:#f3f3f3;position:sticky;top:0}figure{margin:1em 0}figcaption,small{font-size:12px;color:#555}
+img{max-width:100%}td img{max-width:GRID_Wpx;max-height:GRID_Hpx;display:block}small{display:block}
+""".replace("GRID_W", str(GRID_MAX_WIDTH_PX)).replace("GRID_H", str(GRID_MAX_HEIGHT_PX))
 
 
 def html_image(picture: Picture) -> str:
@@ -250,7 +306,12 @@ def html_image(picture: Picture) -> str:
 def html_cell(cell: Cell) -> str:
     if isinstance(cell, str):
         return html.escape(cell)
-    return "".join(f"{html_image(p)}<small>{html.escape(p.caption)}</small>" for p in cell)
+    return "".join(
+        f"{html_image(p)}<small>{html.escape(p.caption)}"
+        + (f' (<a href="{html.escape(p.more)}">more pairs</a>)' if p.more else "")
+        + "</small>"
+        for p in cell
+    )
 
 
 def render_html(title: str, blocks: list[Block]) -> str:
@@ -281,27 +342,43 @@ def render_html(title: str, blocks: list[Block]) -> str:
     return "\n".join(parts)
 
 
+MARKDOWN_SYNTAX = re.compile(r"([\\`*\[\]|])")
+"""What could turn user text into code, links, emphasis or table cells (`_` and `#` inside
+text are left: they rarely format, and names such as dp_sgd stay legible)."""
+
+
+def markdown_text(text: str) -> str:
+    """User text (names, descriptions) shown as written, as report.html shows it: HTML,
+    code, links and table syntax in it do nothing."""
+    return MARKDOWN_SYNTAX.sub(r"\\\1", html.escape(text, quote=False)).replace("\n", " ")
+
+
 def markdown_cell(cell: Cell) -> str:
     if isinstance(cell, str):
-        return cell.replace("|", "\\|").replace("\n", " ")
-    return "<br>".join(f"![{p.caption}]({p.path})<br>{p.caption}" for p in cell)
+        return markdown_text(cell)
+    return "<br>".join(
+        f"![{markdown_text(p.caption)}]({p.path})<br>{markdown_text(p.caption)}"
+        + (f" ([more pairs]({p.more}))" if p.more else "")
+        for p in cell
+    )
 
 
 def render_markdown(title: str, blocks: list[Block]) -> str:
     """The same report in Markdown; figures are files in report_files/."""
-    lines = [f"# {title}", ""]
+    lines = [f"# {markdown_text(title)}", ""]
     for block in blocks:
         if isinstance(block, Heading):
-            lines += [f"## {block.text}", ""]
+            lines += [f"## {markdown_text(block.text)}", ""]
         elif isinstance(block, Text) and block.text:
-            lines += [block.text, ""]
+            lines += [markdown_text(block.text), ""]
         elif isinstance(block, TableBlock):
             lines.append("| " + " | ".join(map(markdown_cell, block.headers)) + " |")
             lines.append("|" + "---|" * len(block.headers))
             lines += ["| " + " | ".join(map(markdown_cell, row)) + " |" for row in block.rows]
             lines.append("")
         elif isinstance(block, Picture):
-            lines += [f"![{block.caption}]({block.path})", "", f"*{block.caption}*", ""]
+            caption = markdown_text(block.caption)
+            lines += [f"![{caption}]({block.path})", "", f"*{caption}*", ""]
     return "\n".join(lines)
 
 
