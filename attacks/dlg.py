@@ -40,7 +40,7 @@ from fedsim.attacks.gradient_matching import (
     reconstructions,
     stack_labels,
 )
-from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.core.attack import GradientTarget, IterationCallback, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.registry import ATTACKS
 
@@ -67,12 +67,17 @@ class LBFGSResult:
 
 
 def minimise_lbfgs(
-    problem: MatchingProblem, images: Tensor, label_logits: Tensor | None, settings: LBFGSParams
+    problem: MatchingProblem,
+    images: Tensor,
+    label_logits: Tensor | None,
+    settings: LBFGSParams,
+    on_iteration: IterationCallback | None = None,
 ) -> LBFGSResult:
     """Minimise `problem.matching` from the starts (T, R, ...) by one L-BFGS per row.
 
     Keeps each row's lowest distance and the point where it was evaluated. A row whose
     distance turns non-finite (diverged) is frozen; when every row is, the loop stops.
+    `on_iteration(done, iterations)` is called after every iteration.
     """
     rows = images.shape[0] * images.shape[1]
     variables = [images] + ([label_logits] if label_logits is not None else [])
@@ -96,6 +101,8 @@ def minimise_lbfgs(
         if not active.any():
             break
         flat = flat + optimizer.step(gradient, active)
+        if on_iteration is not None:
+            on_iteration(iterations, settings.iterations)
     found = [part.reshape(v.shape) for part, v in zip(best_flat.split(sizes, dim=1), variables, strict=True)]
     return LBFGSResult(
         images=found[0],
@@ -118,7 +125,7 @@ class LBFGSInversion(GradientInversion):
         count, restarts = self.image_count(targets[0]), self.params.restarts
         images = random_images(targets, restarts, count, self.seed).to(device)
         logits = None if hard is not None else random_label_logits(targets, restarts, count, self.seed).to(device)
-        result = minimise_lbfgs(problem, images, logits, self.params)
+        result = minimise_lbfgs(problem, images, logits, self.params, self.report_iteration)
         chosen = best_restarts(result.losses)
         pick = torch.arange(len(targets), device=device), chosen.to(device)
         found_labels = hard if result.label_logits is None else result.label_logits[pick].argmax(-1)

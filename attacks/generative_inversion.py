@@ -51,7 +51,7 @@ from fedsim.attacks.gradient_matching import (
     stack_labels,
     total_variation,
 )
-from fedsim.core.attack import AuxiliaryData, GradientTarget, Reconstruction
+from fedsim.core.attack import AuxiliaryData, GradientTarget, IterationCallback, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.registry import ATTACKS
 from fedsim.core.seeding import derive_seed, torch_generator
@@ -107,17 +107,18 @@ def descend(
     steps: int,
     settings: PriorParams,
     project: Projection,
+    on_iteration: IterationCallback | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Adam on every row of `start` (T, R, n, ...) against D(render(v)) + tv TV(render(v)),
     projected after every step. Returns the final variable and its matching losses (T, R).
 
     A row whose objective is not finite gets a zero gradient for that step, so it cannot
-    poison the others.
+    poison the others. `on_iteration(done, steps)` is called after every step.
     """
     variable = start.clone().requires_grad_()
     optimizer = torch.optim.Adam([variable], lr=settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_ramp(steps))
-    for _ in range(steps):
+    for done in range(1, steps + 1):
         optimizer.zero_grad()
         images = render(variable)
         objective = problem.matching(images) + settings.tv * total_variation(images)
@@ -129,6 +130,8 @@ def descend(
         schedule.step()
         with torch.no_grad():
             variable.copy_(project(variable))
+        if on_iteration is not None:
+            on_iteration(done, steps)
     variable = variable.detach()
     with torch.no_grad():
         return variable, problem.matching(render(variable))
@@ -264,7 +267,9 @@ class LatentInversion(GenerativeInversion):
 
     def search(self, problem: MatchingProblem, generator: Generator, start: Tensor) -> Candidates:
         render = stacked(generator)
-        z, losses = descend(problem, start, render, self.params.iterations, self.params, self.latent_projection())
+        z, losses = descend(
+            problem, start, render, self.params.iterations, self.params, self.latent_projection(), self.report_iteration
+        )
         with torch.no_grad():
             found = keep_better(None, render(z), losses, stage=0)
         found.details = {"iterations": self.params.iterations}

@@ -164,7 +164,12 @@ class Gifd(GenerativeInversion):
                     variable = stacked(layers.block(stage - 1))(variable)
                 project = L1Ball(variable, self.params.radii[stage - 1] * variable[0, 0, 0].numel())
             render = stacked(layers.tail(stage))
-            variable, losses = descend(problem, variable, render, steps, self.params, project)
+            before = sum(self.params.steps[:stage])
+
+            def progress(done: int, _: int, before: int = before) -> None:  # over every stage's steps
+                self.report_iteration(before + done, sum(self.params.steps))
+
+            variable, losses = descend(problem, variable, render, steps, self.params, project, progress)
             with torch.no_grad():
                 best = keep_better(best, render(variable), losses, stage)
             stage_losses.append(best.stage_losses[:, -1])

@@ -109,13 +109,14 @@ class Gmi(GanPriorAttack):
         z = torch.randn(len(labels), generator.latent_dim, generator=rng).clamp(-bound, bound)
         z.requires_grad_()
         optimizer = torch.optim.SGD([z], lr=p.lr, momentum=p.momentum)
-        for _ in range(p.iterations):
+        for done in range(1, p.iterations + 1):
             prior, identity = self._losses(target, generator, discriminator, z, labels)
             optimizer.zero_grad()
             (prior + p.identity_weight * identity).sum().backward(inputs=[z])
             optimizer.step()
             with torch.no_grad():
                 z.clamp_(-bound, bound)
+            self.report_iteration(done, p.iterations)
         with torch.no_grad():
             prior, identity = self._losses(target, generator, discriminator, z, labels)
             images = generator(z)

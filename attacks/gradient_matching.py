@@ -319,6 +319,9 @@ class GradientInversion(GradientAttack):
     params: InversionParams
     needs_classes = True
 
+    _problem: tuple[int, int] = (0, 1)
+    """(index, count) of the problem `solve` is working on, within one `reconstruct_many`."""
+
     @property
     def threat_model(self) -> str:  # type: ignore[override]
         return KNOWN_LABELS_THREAT_MODEL if self.wants_known_labels else THREAT_MODEL
@@ -334,14 +337,20 @@ class GradientInversion(GradientAttack):
             check_target(target, self.name)
             check_start(target, self.image_count(target), self.name)
             groups[self.group_key(target)].append(index)
+        size = self.params.targets_per_batch
+        chunks = [indices[i : i + size] for indices in groups.values() for i in range(0, len(indices), size)]
         results: dict[int, Reconstruction] = {}
-        for indices in groups.values():
-            size = self.params.targets_per_batch
-            for chunk in (indices[i : i + size] for i in range(0, len(indices), size)):
-                group = [targets[i] for i in chunk]
-                labels = [self.choose_labels(t) for t in group]
-                results.update(zip(chunk, self.solve(group, labels), strict=True))
+        for number, chunk in enumerate(chunks):
+            self._problem = (number, len(chunks))
+            group = [targets[i] for i in chunk]
+            labels = [self.choose_labels(t) for t in group]
+            results.update(zip(chunk, self.solve(group, labels), strict=True))
         return [results[index] for index in range(len(targets))]
+
+    def report_iteration(self, done: int, total: int) -> None:
+        """Progress over all problems of one `reconstruct_many`: each counts `total` iterations."""
+        index, count = self._problem
+        super().report_iteration(index * total + done, count * total)
 
     def image_count(self, target: GradientTarget) -> int:
         if self.wants_known_labels and target.known_labels is not None:

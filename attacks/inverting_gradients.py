@@ -39,7 +39,7 @@ from fedsim.attacks.gradient_matching import (
     stack_labels,
     total_variation,
 )
-from fedsim.core.attack import GradientTarget, Reconstruction
+from fedsim.core.attack import GradientTarget, IterationCallback, Reconstruction
 from fedsim.core.registry import ATTACKS
 
 DECAY_POINTS = (3 / 8, 5 / 8, 7 / 8)
@@ -58,18 +58,24 @@ class AdamParams(InversionParams):
     lr_decay: bool = Field(True, description="divide the step size by 10 at 3/8, 5/8, 7/8 of the iterations")
 
 
-def minimise_adam(problem: MatchingProblem, images: Tensor, settings: AdamParams) -> tuple[Tensor, Tensor]:
+def minimise_adam(
+    problem: MatchingProblem,
+    images: Tensor,
+    settings: AdamParams,
+    on_iteration: IterationCallback | None = None,
+) -> tuple[Tensor, Tensor]:
     """Signed Adam with box projection and step decay on every row of `images` (T, R, ...).
 
     Returns the final images and their matching distances (T, R), after `iterations` + 1
     evaluations of the objective per row. A row whose objective is not finite gets a zero
-    gradient for that step, so it cannot poison the others.
+    gradient for that step, so it cannot poison the others. `on_iteration(done, iterations)`
+    is called after every step.
     """
     images = images.clone().requires_grad_()
     optimizer = torch.optim.Adam([images], lr=settings.lr)
     milestones = [int(settings.iterations * point) for point in DECAY_POINTS] if settings.lr_decay else []
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    for _ in range(settings.iterations):
+    for done in range(1, settings.iterations + 1):
         optimizer.zero_grad()
         objective = problem.matching(images) + settings.tv * total_variation(images)
         finite = torch.isfinite(objective)
@@ -82,6 +88,8 @@ def minimise_adam(problem: MatchingProblem, images: Tensor, settings: AdamParams
         if settings.boxed:
             with torch.no_grad():
                 images.clamp_(0, 1)
+        if on_iteration is not None:
+            on_iteration(done, settings.iterations)
     images = images.detach()
     with torch.no_grad():
         return images, problem.matching(images)
@@ -107,7 +115,7 @@ class InvertingGradients(GradientInversion):
         problem = MatchingProblem.build(targets, observe, hard, simulate, DISTANCES[self.params.distance])
         restarts = self.params.restarts
         start = random_images(targets, restarts, self.image_count(targets[0]), self.seed).to(device)
-        images, losses = minimise_adam(problem, start, self.params)
+        images, losses = minimise_adam(problem, start, self.params, self.report_iteration)
         chosen = best_restarts(losses)
         pick = torch.arange(len(targets), device=device), chosen.to(device)
         return reconstructions(

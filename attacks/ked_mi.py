@@ -146,13 +146,14 @@ class KedMi(GanPriorAttack):
         log_var = torch.zeros(classes, 1, generator.latent_dim, requires_grad=True)
         optimizer = torch.optim.Adam([mu, log_var], lr=p.lr)
         step_labels = target_labels(target, p.samples_per_step)
-        for _ in range(p.iterations):
+        for done in range(1, p.iterations + 1):
             eps = torch.randn(classes, p.samples_per_step, generator.latent_dim, generator=rng)
             z = (mu + (log_var / 2).exp() * eps).flatten(0, 1)
             loss = self._loss(target, generator, discriminator, z, step_labels).mean()
             optimizer.zero_grad()
             loss.backward(inputs=[mu, log_var])
             optimizer.step()
+            self.report_iteration(done, p.iterations)
         labels = target_labels(target, p.images_per_class)
         with torch.no_grad():
             eps = torch.randn(classes, p.images_per_class, generator.latent_dim, generator=rng)

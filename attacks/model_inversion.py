@@ -89,13 +89,14 @@ class MiFace(ModelAttack):
         images = torch.rand(len(labels), *target.input_shape, generator=generator)
         images.requires_grad_()
         optimizer = torch.optim.Adam([images], lr=p.lr)
-        for _ in range(p.iterations):
+        for done in range(1, p.iterations + 1):
             cost = self._cost(target, images, labels).sum()
             optimizer.zero_grad()
             cost.backward(inputs=[images])
             optimizer.step()
             with torch.no_grad():
                 images.clamp_(0, 1)
+            self.report_iteration(done, p.iterations)
         with torch.no_grad():
             final = self._cost(target, images, labels)
             confidence = target.model(images).softmax(-1).gather(1, labels[:, None])

@@ -34,6 +34,7 @@ import logging
 import math
 import sys
 from contextlib import ExitStack
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -286,19 +287,29 @@ class DpSgd(TrainTimeDefense):
         The plan is `total_rounds` rounds of `local_steps` steps (or `local_epochs` epochs),
         so a client that trains in fewer rounds ends below the target.
         """
-        from opacus.accountants.utils import get_noise_multiplier
-
         p = self.params
         if p.target_epsilon is None:
             return p.noise_multiplier
         steps_per_round = training.local_steps or training.local_epochs * batches_per_epoch
-        return get_noise_multiplier(
-            target_epsilon=p.target_epsilon,
-            target_delta=p.delta,
-            sample_rate=sample_rate,
-            steps=training.total_rounds * steps_per_round,
-            accountant=p.accountant,
+        return calibrated_noise(
+            p.target_epsilon, p.delta, sample_rate, training.total_rounds * steps_per_round, p.accountant
         )
+
+
+@lru_cache(maxsize=256)
+def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus's noise multiplier that spends `target_epsilon` in `steps` steps, computed once per
+    plan and process: the search calls the accountant dozens of times (seconds per client and
+    round otherwise), and its answer depends on these public numbers only."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return get_noise_multiplier(
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+    )
 
 
 def history_epsilon(history: list[list[float]], accountant: str, delta: float) -> float:

@@ -140,10 +140,15 @@ def attack(
         list[int] | None, typer.Option("--client", help="attack only this client's observations (repeatable)")
     ] = None,
 ) -> None:
-    """Run an attack on a finished run's observations, without retraining."""
+    """Run an attack on a finished run's observations, without retraining.
+
+    Settings other than the scenario's (or than earlier results') write their own result set,
+    `attacks/<name>-<hash>`, so no results are overwritten; the end names where they went."""
+    import json
+
     from fedsim.core.config import build_scenario
     from fedsim.core.results import RunDirectory
-    from fedsim.pipeline.runner import attack_run, load_run_scenario, write_summary
+    from fedsim.pipeline.runner import attack_run, load_run_scenario, summary_table, write_summary
 
     run = RunDirectory(run_dir).require()
     base = load_run_scenario(run)
@@ -153,10 +158,16 @@ def attack(
     raw["attacks"] = configured[:1] or [{"name": attack_name}]
     spec_overrides = [f"attacks.0.{o}" for o in overrides or []]
     scenario: Scenario = build_scenario(raw, spec_overrides)
+    (spec,) = scenario.attacks
+    results = run.attack_dir(spec, base)
+    console.print(f"[bold]fedsim attack[/] {spec.name}: {run.root}", soft_wrap=True)
+    console.print(f"params: {json.dumps(spec.params.model_dump(mode='json'))}", markup=False)
     with run.lock():
         run.require_trained()
         attack_run(run, base, scenario.attacks, console, rounds=rounds, clients=clients)
-        write_summary(run, base)
+        summary = write_summary(run, base)
+    console.print(summary_table(summary))
+    console.print(f"results: {results}", markup=False, soft_wrap=True)  # whole, for copying
 
 
 @cli.command()

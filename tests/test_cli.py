@@ -18,7 +18,10 @@ import yaml
 from safetensors.torch import load_file
 
 from cli_helpers import run_cli
+from fedsim.core.config import PluginSpec, build_scenario
 from fedsim.core.registry import ALL_REGISTRIES, ATTACKS
+from fedsim.core.results import RunDirectory
+from fedsim.pipeline.runner import load_run_scenario
 
 TINY = {
     "name": "tiny",
@@ -173,6 +176,9 @@ def test_attack_existing_run_with_new_parameters(run_copy: Path) -> None:
     assert out.count("attack dlg on round 1") == 4  # the new parameters redo every target
     assert json_files(run_copy / "attacks" / "dlg") == own  # the scenario's results are kept
     attack_dir = other_result_set(run_copy, "dlg")
+    assert f"fedsim attack dlg: {run_copy}" in out and '"iterations": 3' in out  # the header
+    assert "fedsim summary: tiny" in out and f"{attack_dir.name} (4 targets)" in out
+    assert out.rstrip().endswith(f"results: {attack_dir}")
     records = [json.loads(p.read_text()) for p in sorted(attack_dir.glob("*.json"))]
     assert len(records) == 4 and len(list(attack_dir.glob("*.png"))) == 4
     assert all(r["attack"]["iterations"] == 3 for r in records)
@@ -186,6 +192,24 @@ def test_attack_existing_run_with_new_parameters(run_copy: Path) -> None:
     code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "iterations=3")
     assert (code, err) == (0, "") and "attack dlg on" not in out
     assert json_files(attack_dir) == before
+
+
+def test_an_attack_the_scenario_does_not_run_keeps_each_settings_results(run_copy: Path) -> None:
+    """The first settings of `fedsim attack --attack ig` write attacks/ig, others their own set."""
+    run = RunDirectory(run_copy)
+    base = load_run_scenario(run)
+    raw = base.model_dump(mode="json")
+
+    def spec(iterations: int) -> PluginSpec:
+        return build_scenario({**raw, "attacks": [{"name": "ig", "iterations": iterations}]}).attacks[0]
+
+    assert run.attack_dir(spec(2), base) == run.attacks_dir / "ig"  # nothing there yet
+    (run.attacks_dir / "ig").mkdir()
+    record = {"attack": spec(2).model_dump(mode="json")}
+    (run.attacks_dir / "ig" / "round_1_client_0.json").write_text(json.dumps(record))
+    assert run.attack_dir(spec(2), base) == run.attacks_dir / "ig"  # the same settings resume
+    other = run.attack_dir(spec(3), base)
+    assert other.parent == run.attacks_dir and other.name.startswith("ig-")
 
 
 def test_attack_set_changes_only_the_named_parameter_of_the_scenario_attack(run_copy: Path) -> None:

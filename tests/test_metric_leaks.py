@@ -110,3 +110,23 @@ def test_private_gradient_descent_sends_no_example_count(strategy: str) -> None:
     assert all(set(m) == {"num-examples", "partition-id", "epsilon"} for m in replies)
     assert {m["num-examples"] for m in replies} == {1}
     assert len({m["num-examples"] for m in train_replies(True, [], strategy)}) > 1
+
+
+def test_under_client_side_dp_attacks_size_the_batch_from_the_plan_not_the_placeholder() -> None:
+    """The reply's `num-examples` is 1 under DP; the attack searches for the planned batch."""
+    import torch
+
+    from fedsim.data.datasets import federated_data
+    from fedsim.federation.observer import Observation
+    from fedsim.federation.training import LocalHyperParams
+    from fedsim.models import federated_model
+    from fedsim.pipeline.runner import gradient_target
+
+    for defenses, expected in (([{"name": "dp_sgd", "noise_multiplier": 1.0}], 4 * 3), ([], 1)):
+        sc = build_scenario({"training": {"batch_size": 4, "local_steps": 3}, "defenses": defenses})
+        data = federated_data(sc.data, sc.public().seed)
+        state = federated_model(sc, data.input_shape, data.num_classes).state_dict()
+        hp = LocalHyperParams(lr=0.1, batch_size=4, local_epochs=1, local_steps=3, optimizer="sgd",
+                              momentum=0.0, weight_decay=0.0)
+        seen = Observation(1, 0, state, {k: v + torch.ones_like(v) for k, v in state.items()}, 1, hp, 3)
+        assert gradient_target(seen, sc, data).num_examples == expected

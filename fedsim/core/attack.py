@@ -10,6 +10,7 @@ one client (a `GradientTarget`); a `ModelAttack` gets what a model holder has (a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -110,6 +111,9 @@ class Reconstruction:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+IterationCallback = Callable[[int, int], None]
+"""`on_iteration(done, total)`: an attack finished `done` of the `total` iterations of its work."""
+
 TargetT = TypeVar("TargetT", GradientTarget, ModelTarget)
 GivenT = TypeVar("GivenT", AuxiliaryData, ModelTarget)
 
@@ -147,7 +151,18 @@ class Attack(ABC):
 
 
 class ReconstructionAttack(Attack, Generic[TargetT, GivenT]):
-    """An attack that reconstructs private data: the base of `GradientAttack` and `ModelAttack`."""
+    """An attack that reconstructs private data: the base of `GradientAttack` and `ModelAttack`.
+
+    `on_iteration` is set by whoever shows progress (the runner's bar; None: nobody): an
+    attack that iterates calls `report_iteration` after each iteration of its optimisation.
+    """
+
+    on_iteration: IterationCallback | None = None
+
+    def report_iteration(self, done: int, total: int) -> None:
+        """Tell `on_iteration`, if set, that `done` of `total` iterations are finished."""
+        if self.on_iteration is not None:
+            self.on_iteration(done, total)
 
     def prepare(self, given: GivenT, workspace: Path, console: Console) -> None:
         """Learn what the attack needs once, before any `reconstruct` (e.g. a GAN on the

@@ -164,14 +164,24 @@ class RunDirectory:
 
     def attack_dir(self, spec: PluginSpec, scenario: Scenario) -> Path:
         """Where an attack's results go: `attacks/<name>`, unless the scenario runs that attack
-        with other settings; then `attacks/<name>-<hash of the settings>`, so `fedsim attack
-        --set ...` never overwrites the scenario's own results."""
+        with other settings, or (an attack the scenario does not run) that folder holds results
+        of other settings; then `attacks/<name>-<hash of the settings>`, so `fedsim attack
+        --set ...` never overwrites earlier results."""
         params = spec.model_dump(mode="json")
         own = [a.model_dump(mode="json") for a in scenario.attacks if a.name == spec.name]
-        if not own or params in own:
-            return self.attacks_dir / spec.name
+        plain = self.attacks_dir / spec.name
+        if params in own or not (own or self._holds_other_settings(plain, params)):
+            return plain
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
         return self.attacks_dir / f"{spec.name}-{digest}"
+
+    @staticmethod
+    def _holds_other_settings(folder: Path, params: dict[str, Any]) -> bool:
+        """Whether a result record in `folder` was written by an attack with other settings."""
+        return any(
+            isinstance(record := read_json(path), dict) and record.get("attack", params) != params
+            for path in folder.glob("*.json")
+        )
 
     @property
     def training_done(self) -> bool:

@@ -68,6 +68,13 @@ def client_setup(scenario_yaml: str) -> ClientSetup:
     )
 
 
+def hides_example_counts(scenario: Scenario) -> bool:
+    """True when replies carry a placeholder count (`num-examples` = 1, see `dp_reply_metrics`):
+    a client-side DP defense runs and `training.clear_text_metrics` is off."""
+    accounted = _client_side_dp_metrics(build_defenses(scenario.defenses))
+    return accounted is not None and not scenario.training.clear_text_metrics
+
+
 def _client_side_dp_metrics(defenses: list[Defense]) -> frozenset[str] | None:
     """The epsilon keys of the client-side DP defenses (train/update time: dp_sgd, local_dp);
     None if there is none. Server-time defenses (central DP) trust the server with metrics."""

@@ -30,6 +30,7 @@ from fedsim.core.errors import UserError
 from fedsim.models import federated_model
 from fedsim.core.results import RunDirectory, atomic_write_json, read_record
 from fedsim.core.seeding import derive_seed
+from fedsim.pipeline.progress import attack_progress
 from fedsim.pipeline.reconstructions import save_reconstruction
 
 CACHE = "cache"
@@ -119,7 +120,8 @@ def attack_model(
     for cls in todo:
         torch.manual_seed(derive_seed(attack.seed, "class", cls))  # a stochastic target's noise
         started = time.perf_counter()
-        recon = attack.reconstruct(dataclasses.replace(target, target_classes=[cls]))
+        with attack_progress(attack, console, f"attack {spec.name}, class {cls}"):
+            recon = attack.reconstruct(dataclasses.replace(target, target_classes=[cls]))
         seconds = time.perf_counter() - started
         score = evaluator.score(recon.images, cls)
         baseline = (

@@ -24,6 +24,7 @@ from fedsim.evaluation.metrics import (
     score_reconstruction,
 )
 from fedsim.pipeline import membership, model_leakage
+from fedsim.pipeline.progress import attack_progress, progress_bar
 from fedsim.pipeline.reconstructions import save_reconstruction
 from fedsim.core.attack import Attack, AuxiliaryData, GradientAttack, GradientTarget
 from fedsim.core.config import PluginSpec, Scenario, build_scenario, read_yaml
@@ -32,6 +33,7 @@ from fedsim.data.datasets import FederatedData, federated_data
 from fedsim.core.device import set_threads
 from fedsim.core.errors import UserError
 from fedsim.models import federated_model
+from fedsim.federation.client_call import hides_example_counts
 from fedsim.federation.observer import Observation, load_observations, observed_batches
 from fedsim.core.registry import ATTACKS
 from fedsim.core.results import (
@@ -69,11 +71,24 @@ def run_scenario(scenario: Scenario, run_dir: str | Path | None = None, console:
             console.print("training already finished; skipping to attacks")
         else:
             run.reset_training()
-            run_federation(scenario, run, on_round=lambda r: console.print(round_line(r, scenario)))
+            train(scenario, run, console)
         attack_run(run, scenario, scenario.attacks, console)
         summary = write_summary(run, scenario)
     console.print(summary_table(summary))
     return run
+
+
+def train(scenario: Scenario, run: RunDirectory, console: Console) -> None:
+    """Run the federation, printing a line per round under a bar over the rounds."""
+    rounds = scenario.federation.rounds
+    with progress_bar(console, "training", "rounds") as update:
+
+        def on_round(record: dict[str, Any]) -> None:
+            console.print(round_line(record, scenario))
+            if update is not None:
+                update(record["round"], rounds)
+
+        run_federation(scenario, run, on_round=on_round)
 
 
 def round_line(record: dict[str, Any], scenario: Scenario) -> str:
@@ -103,10 +118,13 @@ def gradient_target(observation: Observation, scenario: Scenario, data: Federate
     missing = [name for name, _ in model.named_parameters() if name not in update]
     if missing:
         raise UserError(f"observation round {observation.server_round} lacks parameters {missing[:3]}")
+    num_examples = observation.num_examples
+    if hides_example_counts(scenario):  # the reply's count is a placeholder: the server knows its plan
+        num_examples = observation.batch_size * observation.local_steps
     return GradientTarget(
         model=model,
         update=update,
-        num_examples=observation.num_examples,
+        num_examples=num_examples,
         lr=observation.hyperparams.lr,
         local_steps=observation.local_steps,
         batch_size=observation.batch_size,
@@ -248,7 +266,8 @@ def attack_observations(
             for o, _, y in group
         ]  # fmt: skip
         started = time.perf_counter()
-        recons = attack.reconstruct_many(targets)
+        with attack_progress(attack, console, f"attack {spec.name}, round {group[0][0].server_round}"):
+            recons = attack.reconstruct_many(targets)
         seconds = (time.perf_counter() - started) / len(group)
         for (observation, truth_x, truth_y), recon in zip(group, recons, strict=True):
             stem = observation.stem
