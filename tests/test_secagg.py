@@ -114,6 +114,14 @@ def test_attacks_target_the_aggregate(runs: tuple[RunDirectory, RunDirectory]) -
     assert record["client"] == AGGREGATE_CLIENT and "psnr" in record
 
 
+def test_selecting_a_client_of_an_aggregate_only_run_says_why(runs: tuple[RunDirectory, RunDirectory]) -> None:
+    from fedsim.pipeline.runner import select_observations
+
+    secure, _ = runs
+    with pytest.raises(UserError, match="recorded: no single client \\(only aggregates"):
+        select_observations(load_observations(secure.root), secure, None, [0])
+
+
 def test_same_seed_same_aggregate(tmp_path: Path, runs: tuple[RunDirectory, RunDirectory]) -> None:
     """Flower's quantiser rounds stochastically; fedsim seeds it per client and round."""
     again = run(tmp_path, "again", attacks=[])

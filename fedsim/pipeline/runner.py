@@ -197,14 +197,12 @@ def select_observations(
     names a round or client that was never recorded."""
     for flag, wanted, recorded in (
         ("--round", rounds, sorted({o.server_round for o in observations})),
-        ("--client", clients, sorted({o.client for o in observations})),
+        ("--client", clients, sorted({o.client for o in observations if not o.aggregate_of})),
     ):
         missing = sorted(set(wanted or ()) - set(recorded))
         if missing:
-            raise UserError(
-                f"{flag} {missing[0]}: '{run.root}' recorded no observation of it; "
-                f"recorded: {', '.join(map(str, recorded))}"
-            )
+            listed = ", ".join(map(str, recorded)) or "no single client (only aggregates, e.g. under secagg_plus)"
+            raise UserError(f"{flag} {missing[0]}: '{run.root}' recorded no observation of it; recorded: {listed}")
     return [
         o for o in observations
         if (not rounds or o.server_round in rounds) and (not clients or o.client in clients)
