@@ -1,7 +1,8 @@
 """Attack targets from plain Python, without a federation run.
 
-`from_gradient` wraps a (model, gradient, metadata) triple as the one-step update a server
-would have seen; `from_local_training` runs fedsim's own client loop (`train_locally`, the
+`from_gradient` (defined with `GradientTarget` in `fedsim.core.attack`, re-exported here) wraps a
+(model, gradient, metadata) triple as the one-step update a server would have seen;
+`from_local_training` runs fedsim's own client loop (`train_locally`, the
 code every ClientApp runs) on a copy of the model and returns what the server would observe,
 plus the examples the client actually used (for scoring only, never for the attack).
 """
@@ -9,64 +10,16 @@ plus the examples the client actually used (for scoring only, never for the atta
 from __future__ import annotations
 
 import copy
-import hashlib
 
 import torch
 from torch import Tensor, nn
 
-from fedsim.core.attack import GradientTarget
+from fedsim.core.attack import GradientTarget, from_gradient
 from fedsim.data.datasets import TensorData
 from fedsim.core.defense import LocalTraining
 from fedsim.federation.training import LocalHyperParams, train_locally
 
-
-def from_gradient(
-    model: nn.Module,
-    gradient: list[Tensor],
-    batch_size: int,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    lr: float = 1.0,
-    *,
-    client: int | None = None,
-    known_labels: Tensor | None = None,
-    start: Tensor | None = None,
-) -> GradientTarget:
-    """The target of one SGD step of size `lr` that had `gradient` (in parameter order) on
-    `batch_size` images of `input_shape`; the model is copied, never changed.
-
-    `client` is the target's identity, which seeds an attack's random starts and label
-    inference (with the attack's seed); None derives it from the gradient's values, so
-    different gradients start differently and the same gradient repeats. `known_labels`
-    (batch_size,) are the client's labels, used by attacks with `labels: known`. `start`
-    (batch_size, C, H, W) in [0, 1] is where image-space gradient attacks begin their first
-    restart (see `GradientTarget.start`).
-    """
-    named = [name for name, _ in model.named_parameters()]
-    update = {name: -lr * g.detach() for name, g in zip(named, gradient, strict=True)}
-    update |= {name: torch.zeros_like(b) for name, b in model.named_buffers() if b.is_floating_point()}
-    return GradientTarget(
-        model=copy.deepcopy(model),
-        update=update,
-        num_examples=batch_size,
-        lr=lr,
-        local_steps=1,
-        batch_size=batch_size,
-        input_shape=tuple(input_shape),
-        num_classes=num_classes,
-        server_round=1,
-        client=gradient_identity(gradient) if client is None else client,
-        known_labels=known_labels,
-        start=start,
-    )
-
-
-def gradient_identity(gradient: list[Tensor]) -> int:
-    """A stable non-negative int from the gradient's values (31 bits of their SHA-256)."""
-    digest = hashlib.sha256()
-    for g in gradient:
-        digest.update(g.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest()[:4], "little") >> 1
+__all__ = ["from_gradient", "from_local_training"]
 
 
 def from_local_training(

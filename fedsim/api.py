@@ -27,8 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from torch import Tensor, nn
 
-from fedsim.attacks.targets import from_gradient
-from fedsim.core.attack import GradientAttack, GradientTarget, Reconstruction
+from fedsim.core.attack import GradientAttack, GradientTarget, Reconstruction, from_gradient
 from fedsim.core.config import AttackSpec, PluginSpec, Scenario, build_scenario, load_scenario
 from fedsim.core.errors import UserError
 from fedsim.core.registry import ATTACKS

@@ -331,7 +331,8 @@ def test_opacus_empty_batch_warnings_become_one_explanation(caplog: pytest.LogCa
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_quantum_layer_with_zero_per_sample_gradients_is_refused(mode: str) -> None:
     """Trap 2: Opacus returns all-zero per-sample gradients for a PennyLane TorchLayer."""
-    qml = pytest.importorskip("pennylane")
+    import pennylane as qml
+
     device = qml.device("default.qubit", wires=2)
 
     @qml.qnode(device, interface="torch", diff_method="backprop")

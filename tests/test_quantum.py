@@ -12,9 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("pennylane")
-
 import torch
 from opacus import GradSampleModule
 from pydantic import ValidationError

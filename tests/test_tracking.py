@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from cli_helpers import run_cli
@@ -14,8 +15,6 @@ from test_sweep import TINY as SWEEP_TINY
 
 from fedsim.core.results import read_json
 from fedsim.experiments.sweep_table import load_results
-
-mlflow = pytest.importorskip("mlflow")
 
 TINY = {**SWEEP_TINY, "name": "tiny_tracked"}
 

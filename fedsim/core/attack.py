@@ -9,6 +9,8 @@ one client (a `GradientTarget`); a `ModelAttack` gets what a model holder has (a
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel
-from torch import nn
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -200,3 +202,52 @@ class ModelAttack(ReconstructionAttack[ModelTarget, ModelTarget]):
     @abstractmethod
     def reconstruct(self, target: ModelTarget) -> Reconstruction:
         """Reconstruct representatives of the private classes the target names."""
+
+
+def from_gradient(
+    model: nn.Module,
+    gradient: list[Tensor],
+    batch_size: int,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    lr: float = 1.0,
+    *,
+    client: int | None = None,
+    known_labels: Tensor | None = None,
+    start: Tensor | None = None,
+) -> GradientTarget:
+    """The target of one SGD step of size `lr` that had `gradient` (in parameter order) on
+    `batch_size` images of `input_shape`; the model is copied, never changed.
+
+    `client` is the target's identity, which seeds an attack's random starts and label
+    inference (with the attack's seed); None derives it from the gradient's values, so
+    different gradients start differently and the same gradient repeats. `known_labels`
+    (batch_size,) are the client's labels, used by attacks with `labels: known`. `start`
+    (batch_size, C, H, W) in [0, 1] is where image-space gradient attacks begin their first
+    restart (see `GradientTarget.start`).
+    """
+    named = [name for name, _ in model.named_parameters()]
+    update = {name: -lr * g.detach() for name, g in zip(named, gradient, strict=True)}
+    update |= {name: torch.zeros_like(b) for name, b in model.named_buffers() if b.is_floating_point()}
+    return GradientTarget(
+        model=copy.deepcopy(model),
+        update=update,
+        num_examples=batch_size,
+        lr=lr,
+        local_steps=1,
+        batch_size=batch_size,
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+        server_round=1,
+        client=gradient_identity(gradient) if client is None else client,
+        known_labels=known_labels,
+        start=start,
+    )
+
+
+def gradient_identity(gradient: list[Tensor]) -> int:
+    """A stable non-negative int from the gradient's values (31 bits of their SHA-256)."""
+    digest = hashlib.sha256()
+    for g in gradient:
+        digest.update(g.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:4], "little") >> 1
