@@ -8,19 +8,19 @@ Every method sees the same federation: digits (8x8 pixels in [0, 1]), classes 8 
 - `dp_kde` raw pixels: fedsim run (inline engine), Gaussian kernel bandwidth 2, D = 1000
   random Fourier features, each client's one release per class, summed by the server;
 - `dp_kde` + JL-32: the same after a public random projection to 32 dimensions;
-- `dp_kde` + public PCA-16: the same mechanism functions (`class_sums`/`private_sketch`,
-  summed over the 10 clients in-process) on the first 16 principal components of the public
-  classes' images (same bandwidth); not a fedsim run, as models see no public data;
+- `dp_kde` + public PCA-16 (`model.pca: 16`): the same on the first 16 principal components
+  of the public classes' images, fitted by the server (same bandwidth);
+- the same with `aggregation: secure`: each client adds 1/10 of the noise, so only the sum of
+  the 10 sketches carries it (epsilon against a server that sees only the sum);
 - DP-SGD: fedsim FedAvg run, MLP (64-32-8), Opacus DP-SGD with `target_epsilon` after all
   rounds (PRV accountant), 5 rounds of one local epoch, batch 16, lr 0.5, clip 1 (one seed:
   each run takes ~0.5 min on 2 shared CPUs; the sketches are averaged over `--seeds`).
 
-Accuracy is on the global test set; time is the wall time of the federation (or of the
-in-process mechanism for the PCA row). Non-private rows (epsilon inf) are the noiseless
-sketch and FedAvg without DP-SGD. Prints a markdown table; not a test.
+Accuracy is on the global test set; time is the wall time of the federation. Non-private
+rows are the sketch at epsilon 1e6 and FedAvg without DP-SGD. Prints a markdown table; not a test.
 
     python benchmarks/dp_kde.py                       # the table in docs/baselines.md
-    python benchmarks/dp_kde.py --only raw pca           # some rows
+    python benchmarks/dp_kde.py --only raw jl pca secure  # the dp_kde rows (seconds)
     python benchmarks/dp_kde.py --epsilons 1 --seeds 1
 """
 
@@ -34,14 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from sklearn.decomposition import PCA
-
 from fedsim.core.config import build_scenario
 from fedsim.core.device import set_threads
 from fedsim.core.results import RunDirectory
-from fedsim.data.datasets import federated_data
-from fedsim.defenses.dp_kde import DpKdeParams, KdeClassifier, class_sums, count_floor, private_sketch
 from fedsim.federation.simulation import run_federation
 
 DATA = {"dataset": "digits", "num_clients": 10, "val_fraction": 0.0, "public_classes": [8, 9]}
@@ -57,9 +52,10 @@ def fedsim_run(spec: dict[str, Any], out: Path) -> tuple[float, float]:
     return list(run.metrics())[-1]["test_accuracy"], time.perf_counter() - started
 
 
-def kde_spec(epsilon: float | None, seed: int, projection: int | None = None) -> dict[str, Any]:
-    strategy = {"name": "dp_kde", "epsilon": epsilon if epsilon is not None else 1e6}
-    return {"name": "kde", "seed": seed, "model": {**KDE_MODEL, "projection": projection},
+def kde_spec(epsilon: float | None, seed: int, aggregation: str = "per_client", **reduction: int) -> dict[str, Any]:
+    """A dp_kde federation; `reduction`: projection=p (random JL) or pca=p (public classes)."""
+    strategy = {"name": "dp_kde", "epsilon": epsilon if epsilon is not None else 1e6, "aggregation": aggregation}
+    return {"name": "kde", "seed": seed, "model": {**KDE_MODEL, **reduction},
             "federation": {"strategy": strategy, "rounds": 1}}
 
 
@@ -74,39 +70,11 @@ def dpsgd_spec(epsilon: float | None, seed: int) -> dict[str, Any]:
     return spec
 
 
-def public_pca_kde(epsilon: float | None, seed: int) -> tuple[float, float]:
-    """(test accuracy, seconds): the mechanism on PCA-16 features fitted on the public classes."""
-    scenario = build_scenario({"name": "pca", "seed": seed, "data": DATA, "model": KDE_MODEL})
-    data = federated_data(scenario.public().data, scenario.public().seed)
-    started = time.perf_counter()
-    pca = PCA(16, svd_solver="full").fit(data.public.x.flatten(1).numpy())
-
-    def project(x: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(pca.transform(x.flatten(1).numpy()), dtype=torch.float32)
-
-    torch.manual_seed(seed)
-    model = KdeClassifier(KdeClassifier.Params(features=1000, bandwidth=2.0), (16,), data.num_classes)
-    generator = torch.Generator().manual_seed(seed + 1)
-    sketch = torch.zeros_like(model.sketch)
-    for client in range(data.num_partitions):
-        train, _ = data.client(client)
-        x = project(train.x)
-        if epsilon is None:
-            sketch += class_sums(model, x, train.y, data.num_classes)
-        else:
-            sketch += private_sketch(model, x, train.y, data.num_classes, DpKdeParams(epsilon=epsilon), generator)
-    model.sketch.copy_(sketch)
-    if epsilon is not None:  # as the dp_kde server does
-        model.min_count.fill_(count_floor(DpKdeParams(epsilon=epsilon), 1000, data.num_partitions))
-    accuracy = float((model(project(data.test.x)).argmax(1) == data.test.y).float().mean())
-    return accuracy, time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the dp_kde rows")
-    parser.add_argument("--only", nargs="+", choices=["raw", "jl", "pca", "dpsgd"], help="rows to run (default: all)")
+    parser.add_argument("--only", nargs="+", choices=["raw", "jl", "pca", "secure", "dpsgd"], help="rows to run (default: all)")
     parser.add_argument("--dpsgd-seeds", type=int, default=1, help="seeds of the DP-SGD row")
     args = parser.parse_args()
     set_threads(1)
@@ -114,7 +82,9 @@ def main() -> None:
     methods = {
         "raw": ("dp_kde raw pixels (fedsim)", lambda e, s, out: fedsim_run(kde_spec(e, s), out)),
         "jl": ("dp_kde + public JL-32 (fedsim)", lambda e, s, out: fedsim_run(kde_spec(e, s, projection=32), out)),
-        "pca": ("dp_kde + public-class PCA-16 (in-process)", lambda e, s, out: public_pca_kde(e, s)),
+        "pca": ("dp_kde + public-class PCA-16 (fedsim)", lambda e, s, out: fedsim_run(kde_spec(e, s, pca=16), out)),
+        "secure": ("dp_kde + PCA-16, secure sum (noise split over 10 clients)",
+                   lambda e, s, out: fedsim_run(kde_spec(e, s, "secure", pca=16), out)),
         "dpsgd": ("DP-SGD MLP, FedAvg 5 rounds (fedsim)", lambda e, s, out: fedsim_run(dpsgd_spec(e, s), out)),
     }
     epsilons: list[float | None] = [*args.epsilons, None]

@@ -32,7 +32,7 @@ MODELS_TIMED = {
     "convnet": {"width": 32},
     "resnet20": {"norm": "group"},
 }
-MODES = ("none", "hooks", "functorch", "ew", "ghost")
+MODES = ("none", "auto", "hooks", "functorch", "ew", "ghost")
 
 
 def step_times(model_name: str, mode: str, args: argparse.Namespace) -> list[float]:

@@ -77,7 +77,7 @@ def through_fedsim(scenario: Scenario, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--engines", nargs="+", default=["inline", "ray"], choices=["inline", "ray"])
+    parser.add_argument("--engines", nargs="+", default=["inline", "ray"], choices=["inline", "vectorized", "ray"])
     args = parser.parse_args()
     set_threads(1)
     torch.manual_seed(0)
@@ -91,9 +91,9 @@ def main() -> None:
             for engine in args.engines:
                 seconds = through_fedsim(scenario_for(clients, engine, out), out)
                 rows.append((clients, engine, plain, seconds))
-    print(f"{'clients':>7}  {'engine':>6}  {'plain loop s':>12}  {'fedsim s':>9}  {'ratio':>6}")
+    print(f"{'clients':>7}  {'engine':>10}  {'plain loop s':>12}  {'fedsim s':>9}  {'ratio':>6}")
     for clients, engine, plain, seconds in rows:
-        print(f"{clients:>7}  {engine:>6}  {plain:>12.2f}  {seconds:>9.2f}  {seconds / plain:>6.2f}")
+        print(f"{clients:>7}  {engine:>10}  {plain:>12.2f}  {seconds:>9.2f}  {seconds / plain:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ is chosen. It needs what the noise calibration assumes, so it refuses the rest:
   `accounting: false` any strategy is wrapped, and no epsilon is reported;
 - every client weighs 1/m: the inner strategy averages by the constant `unit-weight` metric
   each fedsim client reports, not by example counts;
-- every sampled client replies (fedsim stops the run on any client failure).
+- every sampled client replies: a round with a failed or dropped client (see the scenario's
+  `faults` and `federation.accept_failures`) releases nothing, so the model stays and no
+  epsilon is composed for it (Flower's accounted fixed-clipping mode does the same).
 
 Fixed clipping uses Flower's own accounted mode. Flower's adaptive wrappers have no accountant;
 fedsim accounts them the same way, per round, for the two releases they make: the noised sum
@@ -179,6 +181,11 @@ class AdaptiveParams(CentralDpParams):
     )
 
 
+def _averages_plainly(strategy: type) -> bool:
+    """Whether `strategy` releases FedAvg's own average (what the noise is calibrated to)."""
+    return issubclass(strategy, FedAvg) and strategy.aggregate_train is FedAvg.aggregate_train
+
+
 class CentralDp(ServerTimeDefense):
     """Wraps the strategy in one of Flower's DP wrappers; reports epsilon and clipping norm."""
 
@@ -193,9 +200,7 @@ class CentralDp(ServerTimeDefense):
         """Flower's wrapper around `strategy`; with accounting, every client weighs 1/m."""
         name = next(name for name, cls in DEFENSES if cls is type(self))
         if self.params.accounting:
-            if not isinstance(strategy, FedAvg) or (
-                type(strategy).aggregate_train is not FedAvg.aggregate_train
-            ):
+            if not _averages_plainly(type(strategy)):
                 raise UserError(
                     f"{name}: strategy {type(strategy).__name__} changes the average before "
                     "the DP noise is added, so no epsilon holds; use fedavg or fedprox, or "
@@ -327,10 +332,9 @@ class AccountedAdaptive:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         if self.accountant is not None and len(replies) != self.num_sampled_clients:
-            raise ValueError(
-                f"round {server_round}: {len(replies)} replies for a cohort of "
-                f"{self.num_sampled_clients}; the epsilon assumes every client replies"
-            )
+            # the noise is calibrated to the full cohort: release nothing (as Flower's
+            # accounted fixed-clipping mode does); the model stays, no epsilon is spent
+            return None, None
         aggregate = tolerating_zero_updates(super().aggregate_train)  # type: ignore[misc]
         arrays, metrics = aggregate(server_round, replies)
         self._apply_norm_update()

@@ -20,35 +20,45 @@ by (phi(x), 1): L2 norm sqrt(2), L1 norm at most sqrt(D) + 1. s_noise is the ana
 calibration for sensitivity sqrt(2) at (epsilon, delta); b = (sqrt(D) + 1) / epsilon gives pure
 epsilon-DP. That is example-level DP per client against the server, for one release.
 
-The server sends its global model (so every client uses the same public random maps) and sums the clients' sketches (plain summation, standing in for SecAgg+'s sum: this
-server sees every noised sketch, each DP on its own) and puts the sum into the global `kde`
-model, which scores a query y as (S_c[:D] . phi(y)) / S_c[D] per class, leaving out classes
-whose noised count S_c[D] is below 3 stds of its noise (public: from epsilon, delta and the
+With `pca: p` the public map is instead the top p principal components of the public classes'
+examples (`data.public_classes`), fitted by the server on the initial model (`fit_public`):
+public data, so it costs no privacy, and it is tuned to the data rather than random.
+
+The server sends its global model (so every client uses the same public maps) and sums the
+clients' sketches. `aggregation: per_client` (default): each sketch carries the whole noise,
+so each is DP on its own and the server may see them all. `aggregation: secure`: each of the N
+clients asked together adds a 1/N share of the noise (Gaussian variance s^2/N; Laplace as a
+sum of Gamma differences, `noise_share`), so only the SUM of the N sketches carries the full
+noise and is (epsilon, delta)-DP per example. That holds against a server that sees only the
+sum (SecAgg+) and only if all N clients add their share (dropped or colluding clients leave
+less noise); fedsim sums the sketches in the clear, so this mode models that aggregation, it
+does not run it. The sum goes into the global `kde` model, which scores a query y as
+(S_c[:D] . phi(y)) / S_c[D] per class, leaving out classes whose noised count S_c[D] is
+below 3 stds of its noise (public: from epsilon, delta and the
 number of sketches), as an empty class's count is noise and its "average" unbounded. The paper's
 improved structures (its l1-distance tree, and its bounds for the Gaussian kernel) are not
 implemented: this is the random-feature sketch those results are compared with, plus the
-public projection; docs/baselines.md says where it differs.
+public projections; nor are its distance queries. docs/baselines.md says where it differs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from pydantic import BaseModel, ConfigDict, Field
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from fedsim.core.defense import PrivacyUnit
+from fedsim.core.errors import UserError
 from fedsim.core.registry import CLIENT_ACTIONS, MODELS, STRATEGIES
 from fedsim.defenses.ldp_sparse_regression import analytic_gaussian_sigma
+from fedsim.defenses.one_release import OneReleaseServer, claim_release
 from fedsim.federation.client_call import ClientCall
-from fedsim.federation.strategies import TAKE_ALL_NODES
 
 ACTION = "dp_kde"
 MESSAGE_TYPE = f"train.{ACTION}"
@@ -58,6 +68,7 @@ SKETCH = "sketch"
 MIN_COUNT = "min_count"
 COUNT_THRESHOLD = 3.0  # noise stds a class count must exceed to be predicted
 Mechanism = Literal["gaussian", "laplace"]
+Aggregation = Literal["per_client", "secure"]
 
 
 @MODELS.register("kde")
@@ -74,6 +85,16 @@ class KdeClassifier(nn.Module):
         projection: int | None = Field(
             None, ge=1, description="public random JL projection to this many dimensions first (null: none)"
         )
+        pca: int | None = Field(
+            None, ge=1, description="project first on this many principal components of the public "
+            "classes' examples (needs data.public_classes; null: none)"
+        )
+
+        @model_validator(mode="after")
+        def _one_reduction(self) -> KdeClassifier.Params:
+            if self.projection is not None and self.pca is not None:
+                raise ValueError("set at most one of projection (random) and pca (public classes)")
+            return self
 
     def __init__(self, params: Params, input_shape: Sequence[int], num_classes: int) -> None:
         super().__init__()
@@ -84,15 +105,40 @@ class KdeClassifier(nn.Module):
             dim = params.projection
         else:
             self.projection = None
+        self.pca = params.pca
+        if params.pca is not None:  # filled by `fit_public` on the server, sent with the model
+            self.register_buffer("pca_mean", torch.zeros(dim))
+            self.register_buffer("pca_components", torch.zeros(params.pca, dim))
+            dim = params.pca
         self.register_buffer("frequencies", torch.randn(params.features // 2, dim) * math.sqrt(2.0) / params.bandwidth)
         self.register_buffer(SKETCH, torch.zeros(num_classes, params.features + 1))
         self.register_buffer(MIN_COUNT, torch.ones(()))
+
+    def fit_public(self, x: Tensor) -> None:
+        """Fit the `pca` map on public examples x (the server calls this on the initial model).
+
+        Public data only, so the map costs no privacy; the clients get it with the model."""
+        if self.pca is None:
+            return
+        flat = x.flatten(1).to(self.pca_mean.dtype)
+        if len(flat) <= self.pca or self.pca > flat.shape[1]:
+            raise UserError(
+                f"model.pca={self.pca} needs more than {self.pca} public examples of at most "
+                f"{flat.shape[1]} features (has {len(flat)}): set data.public_classes or lower model.pca"
+            )
+        mean = flat.mean(0)
+        _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+        signs = vh[: self.pca].gather(1, vh[: self.pca].abs().argmax(1, keepdim=True)).sign()
+        self.pca_mean.copy_(mean)
+        self.pca_components.copy_(vh[: self.pca] * signs)  # sign fixed: same map on every platform
 
     def feature_map(self, x: Tensor) -> Tensor:
         """phi(x) (B, D) of the module doc, unit L2 norm per row."""
         flat = x.flatten(1).to(self.frequencies.dtype)
         if self.projection is not None:
             flat = flat @ self.projection.T
+        if self.pca is not None:
+            flat = (flat - self.pca_mean) @ self.pca_components.T
         angles = flat @ self.frequencies.T
         return torch.cat([angles.cos(), angles.sin()], 1) / math.sqrt(angles.shape[1])
 
@@ -114,6 +160,12 @@ class DpKdeParams(BaseModel):
     epsilon: float = Field(1.0, gt=0, description="example-level epsilon of a client's one release")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the release (gaussian only)")
     mechanism: Mechanism = Field("gaussian", description="gaussian (analytic, (eps, delta)) or laplace (pure eps)")
+    aggregation: Aggregation = Field(
+        "per_client",
+        description="per_client: each sketch carries all the noise (DP on its own); secure: each of "
+        "the N clients asked together adds a 1/N share, so only their SUM is DP (a server that "
+        "sees only the sum, as under SecAgg+, and no dropped or colluding clients)",
+    )
 
 
 def noise_scale(params: DpKdeParams, features: int) -> float:
@@ -129,11 +181,13 @@ def noise_std(params: DpKdeParams, features: int) -> float:
     return scale * math.sqrt(2.0) if params.mechanism == "laplace" else scale
 
 
-def count_floor(params: DpKdeParams, features: int, sketches: int) -> float:
-    """`min_count` for a sum of `sketches` releases: 3 stds of the summed count noise (>= 1).
+def count_floor(params: DpKdeParams, features: int, noise_units: float) -> float:
+    """`min_count` for a sum of releases: 3 stds of the summed count noise (>= 1).
 
-    Post-processing from public quantities only (epsilon, delta, D, number of sketches)."""
-    return max(1.0, COUNT_THRESHOLD * noise_std(params, features) * math.sqrt(sketches))
+    `noise_units`: the sum's noise variance in units of one full release's (the number of
+    sketches; under `secure` each counts 1/cohort). Post-processing from public quantities
+    only (epsilon, delta, D, how many sketches)."""
+    return max(1.0, COUNT_THRESHOLD * noise_std(params, features) * math.sqrt(noise_units))
 
 
 def class_sums(model: KdeClassifier, x: Tensor, y: Tensor, num_classes: int) -> Tensor:
@@ -143,29 +197,44 @@ def class_sums(model: KdeClassifier, x: Tensor, y: Tensor, num_classes: int) -> 
     return torch.zeros(num_classes, rows.shape[1]).index_add_(0, y, rows)
 
 
+def noise_share(shape: torch.Size, params: DpKdeParams, scale: float, shares: int, generator: torch.Generator) -> Tensor:
+    """One of `shares` iid noise draws whose sum is exactly the mechanism's noise of `scale`.
+
+    Gaussian: N(0, scale^2 / shares). Laplace(b) is infinitely divisible: it is the sum of
+    `shares` differences G1 - G2 of iid Gamma(1/shares, b) (Kotz et al. 2001), so the sum of
+    the clients' shares is Laplace(b) exactly. shares = 1 is the whole noise."""
+    if params.mechanism == "gaussian":
+        return torch.normal(0.0, scale / math.sqrt(shares), size=shape, generator=generator)
+    if shares == 1:
+        uniform = torch.rand(shape, generator=generator) - 0.5
+        return -scale * uniform.sign() * torch.log1p(-2 * uniform.abs())
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    gamma = np.random.default_rng(seed).gamma(1.0 / shares, scale, size=(2, *shape))
+    return torch.from_numpy(gamma[0] - gamma[1]).to(torch.float32)
+
+
 def private_sketch(
-    model: KdeClassifier, x: Tensor, y: Tensor, num_classes: int, params: DpKdeParams, generator: torch.Generator
+    model: KdeClassifier,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    params: DpKdeParams,
+    generator: torch.Generator,
+    shares: int = 1,
 ) -> Tensor:
-    """`class_sums` plus iid noise of `noise_scale` on every entry (all C rows, empty classes too)."""
+    """`class_sums` plus iid noise on every entry (all C rows, empty classes too): the full
+    noise of `noise_scale`, or its 1/`shares` share (`noise_share`)."""
     sums = class_sums(model, x, y, num_classes)
-    scale = noise_scale(params, sums.shape[1] - 1)
-    if params.mechanism == "laplace":
-        uniform = torch.rand(sums.shape, generator=generator) - 0.5
-        noise = -scale * uniform.sign() * torch.log1p(-2 * uniform.abs())
-    else:
-        noise = torch.normal(0.0, scale, size=sums.shape, generator=generator)
-    return sums + noise
-
-
-class AlreadyReleased(RuntimeError):
-    """A client asked for a second sketch: its epsilon covers one release only."""
+    return sums + noise_share(sums.shape, params, noise_scale(params, sums.shape[1] - 1), shares, generator)
 
 
 @CLIENT_ACTIONS.register(ACTION)
 def release(content: RecordDict, call: ClientCall) -> RecordDict:
-    """A client's one noised sketch table, or `AlreadyReleased` if this node has released before."""
-    if RELEASED_STATE in call.state:
-        raise AlreadyReleased(f"client {call.partition_id} has released its one sketch already")
+    """A client's one noised sketch table, or `AlreadyReleased` if this node has released before.
+
+    Under `aggregation: secure` it adds the 1/N noise share, N the cohort the server asked
+    together (`release-cohort` in the config)."""
+    claim_release(call, RELEASED_STATE)
     params: DpKdeParams = call.setup.scenario.federation.strategy.params
     model = call.setup.new_model()
     if not isinstance(model, KdeClassifier):
@@ -173,8 +242,8 @@ def release(content: RecordDict, call: ClientCall) -> RecordDict:
     model.load_state_dict(content["arrays"].to_torch_state_dict())  # the server's public feature map
     data = call.train_data()
     num_classes = call.setup.data.num_classes
-    sketch = private_sketch(model, data.x, data.y, num_classes, params, call.generator("dp-kde-noise"))
-    call.state[RELEASED_STATE] = ConfigRecord({"released": True})
+    shares = int(content["config"]["release-cohort"]) if params.aggregation == "secure" else 1
+    sketch = private_sketch(model, data.x, data.y, num_classes, params, call.generator("dp-kde-noise"), shares)
     metrics = call.private_metrics(
         {"num-examples": len(data), "partition-id": call.partition_id, EPSILON_METRIC: params.epsilon},
         frozenset({EPSILON_METRIC}),
@@ -182,53 +251,43 @@ def release(content: RecordDict, call: ClientCall) -> RecordDict:
     return RecordDict({"arrays": ArrayRecord({SKETCH: Array(sketch.numpy())}), "metrics": MetricRecord(metrics)})
 
 
-class DpKdeServer(FedAvg):
+class DpKdeServer(OneReleaseServer):
     """Asks each client once for its sketch table; the global model holds their running sum."""
 
+    message_type = MESSAGE_TYPE
+    sends_model = True  # the clients need the global model's public random (and PCA) maps
+
     def __init__(self, params: DpKdeParams) -> None:
-        super().__init__(**TAKE_ALL_NODES)
+        super().__init__()
         self.params = params
-        self.asked: set[int] = set()
         self.total: np.ndarray | None = None
-        self.released = 0  # sketches summed so far
-        self.arrays: ArrayRecord | None = None
+        self.noise_units = 0.0  # summed noise variance, in units of one full release's
 
     def privacy_unit(self) -> PrivacyUnit:
-        """One example of a client, add/remove, noised by the client; one release."""
+        """One example of a client, add/remove, noised by the client; one release. Under
+        `secure` the epsilon holds for the cohort's summed sketch only (SecAgg+ trust)."""
         p = self.params
         accountant = "analytic gaussian" if p.mechanism == "gaussian" else "laplace"
-        return PrivacyUnit("example", "add/remove", p.delta if p.mechanism == "gaussian" else 0.0, accountant, EPSILON_METRIC)
+        not_covered = ""
+        if p.aggregation == "secure":
+            accountant += ", noise split over the cohort: of the sum only (SecAgg+)"
+            not_covered = "each sketch alone (1/N of the noise): assumes the server sees only the sum, no client drops or colludes"
+        delta = p.delta if p.mechanism == "gaussian" else 0.0
+        return PrivacyUnit("example", "add/remove", delta, accountant, EPSILON_METRIC, not_covered)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        self.arrays = arrays
-        nodes = [node for node in grid.get_node_ids() if node not in self.asked]
-        self.asked.update(nodes)
-        round_config = ConfigRecord({**config, "server-round": server_round})
-        content = {"arrays": arrays, "config": round_config}  # the global model: its random maps
-        return [
-            Message(RecordDict(content), dst_node_id=node, message_type=MESSAGE_TYPE)
-            for node in nodes
-        ]
-
-    def aggregate_train(
-        self, server_round: int, replies: Any
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def fold(self, replies: list[Message]) -> ArrayRecord:
         """Add this round's sketches to the sum (the SecAgg+-style aggregate) in the model, and
         set its `min_count` to 3 stds of the summed count noise."""
-        replies = list(replies)
-        if not replies:
-            return None, None
         for reply in replies:
             sketch = reply.content["arrays"][SKETCH].numpy()
             self.total = sketch if self.total is None else self.total + sketch
-            self.released += 1
+        shares = self.cohort if self.params.aggregation == "secure" else 1
+        self.noise_units += len(replies) / shares
         out = {name: a.numpy() for name, a in self.arrays.items()}
         out[SKETCH] = self.total.astype(out[SKETCH].dtype)
-        floor = count_floor(self.params, out[SKETCH].shape[1] - 1, self.released)
+        floor = count_floor(self.params, out[SKETCH].shape[1] - 1, self.noise_units)
         out[MIN_COUNT] = np.asarray(floor, dtype=out[MIN_COUNT].dtype)
-        return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in out.items()}), None
+        return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in out.items()})
 
 
 @STRATEGIES.register(ACTION)

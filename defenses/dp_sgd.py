@@ -18,7 +18,8 @@ Two traps (shared/PAPERS.md, "Federated learning and DP"):
 Modes (`grad_sample_mode`) compute the same clipped gradient in different ways: `hooks`,
 `functorch` and `ew` materialise per-example gradients; `ghost` (ghost clipping) only their
 norms, then takes a second backward pass over the loss re-weighted by the clipping factors.
-Ghost clipping lives in Opacus's loss wrapper, which the training loop uses through the
+The default, `auto`, picks one by layer types (`resolve_mode`): ghost when every trainable
+layer is nn.Linear, else hooks. Ghost clipping lives in Opacus's loss wrapper, which the training loop uses through the
 `criterion` hook. `max_physical_batch_size` splits each (logical, Poisson-sampled) batch into
 physical batches with Opacus's BatchMemoryManager: the same step and the same epsilon, in
 bounded memory.
@@ -107,10 +108,11 @@ class DpSgd(TrainTimeDefense):
         poisson_sampling: bool = Field(
             True, description="Poisson-sampled batches, the only sampling the accountant analyses"
         )
-        grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field(
-            "hooks",
+        grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = Field(
+            "auto",
             description="how Opacus computes per-example gradients (ghost: ghost clipping, "
-            "norms only, two backward passes)",
+            "norms only, two backward passes; auto: ghost when every trainable layer is "
+            "nn.Linear, else hooks)",
         )
         max_physical_batch_size: int | None = Field(
             None,
@@ -168,6 +170,7 @@ class DpSgd(TrainTimeDefense):
     _model: AbstractGradSampleModule | None = None
     _optimizer: torch.optim.Optimizer | None = None
     _memory: ExitStack | None = None
+    _mode: str = "hooks"  # the grad_sample_mode in use: the configured one, or auto's choice
 
     def privacy_unit(self) -> PrivacyUnit:
         """One example of a client, add/remove: Opacus's accountants analyse the Poisson-
@@ -224,7 +227,8 @@ class DpSgd(TrainTimeDefense):
         engine.accountant.history = [tuple(entry) for entry in state.get(HISTORY_KEY, [])]
         probe = _probe_inputs(loader).to(next(model.parameters()).device)
         expected = _batch_gradients(model, probe)
-        if p.grad_sample_mode == "ghost":  # ghost has no per-sample gradients to check
+        self._mode = resolve_mode(p.grad_sample_mode, model)
+        if self._mode == "ghost":  # ghost has no per-sample gradients to check
             reference = GradSampleModule(model, loss_reduction="mean")  # hooks mode
             try:
                 norms = _check_per_sample_gradients(reference, probe, expected)
@@ -237,11 +241,11 @@ class DpSgd(TrainTimeDefense):
             noise_multiplier=self._noise_multiplier(sample_rate, len(loader), training),
             max_grad_norm=p.max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode=p.grad_sample_mode,
+            grad_sample_mode=self._mode,
             noise_generator=None if p.secure_mode else _noise_generator(loader, probe.device),
         )
         private_model, private_optimizer, private_loader = private[0], private[1], private[-1]
-        if p.grad_sample_mode == "ghost":
+        if self._mode == "ghost":
             _check_ghost_norms(private_model, probe, norms)
         else:
             _check_per_sample_gradients(private_model, probe, expected)
@@ -261,7 +265,7 @@ class DpSgd(TrainTimeDefense):
         """Ghost mode: Opacus's loss wrapper, whose `backward()` takes both passes."""
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        if self.params.grad_sample_mode != "ghost":
+        if self._mode != "ghost":
             return loss_fn
         return DPLossFastGradientClipping(self._model, self._optimizer, loss_fn, "mean")
 
@@ -294,6 +298,36 @@ class DpSgd(TrainTimeDefense):
         return calibrated_noise(
             p.target_epsilon, p.delta, sample_rate, training.total_rounds * steps_per_round, p.accountant
         )
+
+
+_reported_modes: set[tuple[str, str]] = set()
+
+
+def resolve_mode(mode: str, model: nn.Module) -> str:
+    """`auto`'s choice of Opacus mode, by layer types, said once per model class.
+
+    Measured (benchmarks/dp_overhead.py): per-example gradients of a wide nn.Linear are large
+    (hooks 65x the non-private step for an MLP [512, 256] on 3x32x32), while ghost clipping
+    needs only their norms, ||a_i|| * ||g_i|| (2.7x); for convolutions ghost's second backward
+    costs more than it saves (hooks 1.8x, ghost 2.6x). So: ghost when every trainable layer is
+    nn.Linear, else hooks. Both clip each example exactly; only the speed differs.
+    """
+    if mode != "auto":
+        return mode
+    from opacus.utils.module_utils import trainable_modules
+
+    layers = [type(module) for _, module in trainable_modules(model)]
+    chosen = "ghost" if layers and all(layer is nn.Linear for layer in layers) else "hooks"
+    key = (type(model).__name__, chosen)
+    if key not in _reported_modes:
+        _reported_modes.add(key)
+        log.info(
+            "dp_sgd.grad_sample_mode: auto chose %s for %s (%s)",
+            chosen,
+            key[0],
+            "every trainable layer is nn.Linear" if chosen == "ghost" else "non-Linear layers",
+        )
+    return chosen
 
 
 @lru_cache(maxsize=256)

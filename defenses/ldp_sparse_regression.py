@@ -32,27 +32,25 @@ Sigma), this file follows the structure above; docs/baselines.md says so.
 The global model is a linear one (`model: {name: mlp, hidden: []}`): theta^ becomes its weight
 row; with `intercept` a constant public feature 1 is appended to x before truncation and its
 coefficient becomes the bias. Clients that released once are never asked again; a client asked
-twice refuses (`AlreadyReleased`).
+twice refuses (`AlreadyReleased`; both halves live in `one_release`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import log_ndtr, ndtr
 from torch import Tensor
 
 from fedsim.core.defense import PrivacyUnit
 from fedsim.core.registry import CLIENT_ACTIONS, STRATEGIES
+from fedsim.defenses.one_release import OneReleaseServer, claim_release
 from fedsim.federation.client_call import ClientCall
-from fedsim.federation.strategies import TAKE_ALL_NODES
 
 ACTION = "ldp_sparse_regression"
 MESSAGE_TYPE = f"train.{ACTION}"
@@ -189,10 +187,6 @@ def estimate(
     return hard_threshold(inverse @ (xy_sum / count), sparsity)
 
 
-class AlreadyReleased(RuntimeError):
-    """A client asked for a second message: its epsilon covers one release only."""
-
-
 @CLIENT_ACTIONS.register(ACTION)
 def release(content: RecordDict, call: ClientCall) -> RecordDict:
     """A client's one message (A, c), or `AlreadyReleased` if this node has released before.
@@ -201,18 +195,16 @@ def release(content: RecordDict, call: ClientCall) -> RecordDict:
     second message can leave this node. `num-examples` (m) is fixed by the public partitioning
     (replace-one neighbours keep it), so it is sent as is.
     """
-    if RELEASED_STATE in call.state:
-        raise AlreadyReleased(f"client {call.partition_id} has released its one message already")
+    claim_release(call, RELEASED_STATE)
     params: LdpSparseRegressionParams = call.setup.scenario.federation.strategy.params
     data = call.train_data()
     xx, xy = private_message(data.x, data.y, params, call.generator("ldp-regression-noise"))
-    call.state[RELEASED_STATE] = ConfigRecord({"released": True})
     arrays = ArrayRecord({"xx": Array(xx.numpy()), "xy": Array(xy.numpy())})
     metrics = {"num-examples": len(data), "partition-id": call.partition_id, EPSILON_METRIC: params.epsilon}
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
 
-class LdpSparseRegressionServer(FedAvg):
+class LdpSparseRegressionServer(OneReleaseServer):
     """The server: asks each client once for its message and keeps the estimate of all so far.
 
     Each round it messages only the sampled clients that have not released yet (all of them
@@ -220,14 +212,14 @@ class LdpSparseRegressionServer(FedAvg):
     and writes theta^ into the linear global model, which the server's test evaluation scores.
     """
 
+    message_type = MESSAGE_TYPE
+
     def __init__(self, params: LdpSparseRegressionParams) -> None:
-        super().__init__(**TAKE_ALL_NODES)
+        super().__init__()
         self.params = params
-        self.asked: set[int] = set()
         self.xx: Tensor | None = None
         self.xy: Tensor | None = None
         self.count = 0
-        self.arrays: ArrayRecord | None = None
 
     def privacy_unit(self) -> PrivacyUnit:
         """Each client's whole data, replace-one, noised by the client: local DP, one release."""
@@ -235,25 +227,8 @@ class LdpSparseRegressionServer(FedAvg):
             "client", "replace-one", self.params.delta, "analytic gaussian x2, basic composition", EPSILON_METRIC
         )
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        self.arrays = arrays
-        nodes = [node for node in grid.get_node_ids() if node not in self.asked]
-        self.asked.update(nodes)
-        round_config = ConfigRecord({**config, "server-round": server_round})
-        return [
-            Message(RecordDict({"config": round_config}), dst_node_id=node, message_type=MESSAGE_TYPE)
-            for node in nodes
-        ]
-
-    def aggregate_train(
-        self, server_round: int, replies: Any
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def fold(self, replies: list[Message]) -> ArrayRecord:
         """Add this round's messages to the sums; theta^ into the linear model's weight (and bias)."""
-        replies = list(replies)
-        if not replies:
-            return None, None
         for reply in replies:
             xx = torch.from_numpy(reply.content["arrays"]["xx"].numpy())
             xy = torch.from_numpy(reply.content["arrays"]["xy"].numpy())
@@ -262,7 +237,7 @@ class LdpSparseRegressionServer(FedAvg):
             self.count += int(reply.content["metrics"]["num-examples"])
         p = self.params
         theta = estimate(self.xx, self.xy, self.count, p.sparsity, p.eigen_floor)
-        return linear_model_arrays(self.arrays, theta, p.intercept), None
+        return linear_model_arrays(self.arrays, theta, p.intercept)
 
 
 def linear_model_arrays(arrays: ArrayRecord, theta: Tensor, intercept: bool) -> ArrayRecord:

@@ -87,6 +87,9 @@ def run(
             file=sys.stderr,
         )
         sys.exit(1)
+    if written.failure:
+        print(f"error: training failed in '{written.root}': {written.failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 @cli.command()

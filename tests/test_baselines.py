@@ -11,8 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from scipy.stats import norm
 
 from fedsim.core.config import build_scenario
+from fedsim.core.errors import UserError
 from fedsim.data.datasets import SparseRegression
-from fedsim.defenses import dp_kde, ldp_sparse_regression as ldp
+from fedsim.defenses import dp_kde, ldp_sparse_regression as ldp, one_release
 from fedsim.federation.client_call import ClientCall, client_setup
 
 
@@ -95,17 +96,17 @@ KDE_SCENARIO = {
 }
 
 
-@pytest.mark.parametrize(("scenario", "action", "error"), [
-    (LDP_SCENARIO, ldp.release, ldp.AlreadyReleased),
-    (KDE_SCENARIO, dp_kde.release, dp_kde.AlreadyReleased),
+@pytest.mark.parametrize(("scenario", "action"), [
+    (LDP_SCENARIO, ldp.release),
+    (KDE_SCENARIO, dp_kde.release),
 ])
-def test_one_release_per_client(scenario: dict, action, error) -> None:
+def test_one_release_per_client(scenario: dict, action) -> None:
     state = RecordDict()
     setup = call_for(scenario, state).setup
-    content = RecordDict({"arrays": ArrayRecord(setup.new_model().state_dict())})
+    content = RecordDict({"arrays": ArrayRecord(setup.new_model().state_dict()), "config": ConfigRecord({"release-cohort": 4})})
     reply = action(content, call_for(scenario, state))
     assert "arrays" in reply
-    with pytest.raises(error):
+    with pytest.raises(one_release.AlreadyReleased):
         action(content, call_for(scenario, state))  # the same node, asked again
 
 
@@ -114,8 +115,8 @@ def test_servers_ask_each_node_once(monkeypatch: pytest.MonkeyPatch) -> None:
         def get_node_ids(self) -> list[int]:
             return [11, 12, 13]
 
-    for module in (ldp, dp_kde):  # a Message outside a Flower run: just its destination
-        monkeypatch.setattr(module, "Message", lambda content, dst_node_id, message_type: dst_node_id)
+    # a Message outside a Flower run: just its destination
+    monkeypatch.setattr(one_release, "Message", lambda content, dst_node_id, message_type: dst_node_id)
     for server in (ldp.LdpSparseRegressionServer(ldp.LdpSparseRegressionParams()), dp_kde.DpKdeServer(dp_kde.DpKdeParams())):
         assert sorted(server.configure_train(1, ArrayRecord(), ConfigRecord({}), Nodes())) == [11, 12, 13]
         assert server.configure_train(2, ArrayRecord(), ConfigRecord({}), Nodes()) == []
@@ -187,3 +188,53 @@ def test_dp_kde_federation_reports_accuracy_and_its_epsilon(tmp_path) -> None:
     assert len(records[1]["clients"]) == 4 and records[2]["clients"] == []  # round 2 asks nobody
     (entry,) = records[-1]["privacy"]
     assert (entry["key"], entry["epsilon"], entry["kind"]) == ("max_client_kde_epsilon", 8.0, "example")
+
+
+@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
+def test_secure_noise_shares_sum_to_the_full_noise(mechanism: str) -> None:
+    params = dp_kde.DpKdeParams(epsilon=1.0, mechanism=mechanism)
+    generator = torch.Generator().manual_seed(0)
+    shape = torch.Size([200_000])
+    total = sum(dp_kde.noise_share(shape, params, 2.0, 5, generator) for _ in range(5))
+    full = dp_kde.noise_share(shape, params, 2.0, 1, generator)
+    one = dp_kde.noise_share(shape, params, 2.0, 5, generator)
+    expected_std = 2.0 * (math.sqrt(2) if mechanism == "laplace" else 1)
+    for noise in (total, full):  # the sum of 5 shares is the mechanism's noise: same std, same tails
+        assert float(noise.std()) == pytest.approx(expected_std, rel=0.02)
+        kurtosis = float(((noise - noise.mean()) ** 4).mean() / noise.var() ** 2)
+        assert kurtosis == pytest.approx(6.0 if mechanism == "laplace" else 3.0, rel=0.1)
+    assert float(one.std()) == pytest.approx(expected_std / math.sqrt(5), rel=0.02)  # one share alone: less
+
+
+def test_pca_map_is_fitted_on_public_examples() -> None:
+    torch.manual_seed(0)
+    axis = torch.tensor([0.6, 0.8, 0.0])
+    public = torch.randn(500, 1) * 3 * axis + torch.randn(500, 3) * 0.01 + torch.tensor([1.0, 2.0, 3.0])
+    params = dp_kde.KdeClassifier.Params(features=64, pca=1)
+    model = dp_kde.KdeClassifier(params, (3,), 2)
+    model.fit_public(public)
+    assert torch.allclose(model.pca_mean, torch.tensor([1.0, 2.0, 3.0]), atol=0.3)
+    assert torch.allclose(model.pca_components[0].abs(), axis, atol=0.01)
+    with pytest.raises(UserError, match="data.public_classes"):
+        dp_kde.KdeClassifier(params, (3,), 2).fit_public(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="at most one"):
+        dp_kde.KdeClassifier.Params(projection=2, pca=2)
+
+
+def test_secure_pca_federation_sums_shares(tmp_path) -> None:
+    from fedsim.core.results import RunDirectory
+    from fedsim.federation.simulation import run_federation
+
+    spec = {
+        **KDE_SCENARIO,
+        "data": {**KDE_SCENARIO["data"], "public_classes": [8, 9]},
+        "model": {"name": "kde", "features": 64, "pca": 8},
+        "federation": {"strategy": {"name": "dp_kde", "epsilon": 8.0, "aggregation": "secure"}, "rounds": 1},
+    }
+    run = RunDirectory(tmp_path)
+    run_federation(build_scenario(spec), run)
+    (record,) = list(run.metrics())[-1:]
+    assert record["test_accuracy"] > 0.5  # 8 private classes: chance is 0.125
+    (entry,) = record["privacy"]
+    assert (entry["epsilon"], entry["kind"]) == (8.0, "example")
+    assert "of the sum only (SecAgg+)" in dp_kde.DpKdeServer(dp_kde.DpKdeParams(aggregation="secure")).privacy_unit().accountant

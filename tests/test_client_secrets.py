@@ -56,10 +56,10 @@ def run_recording(
     sent: list[Message] = []
     push = InlineGrid.push_messages
 
-    def recording(grid: InlineGrid, messages: list[Message]) -> list[str]:
+    def recording(grid: InlineGrid, messages: list[Message], timeout: float | None = None) -> list[str]:
         messages = list(messages)
         sent.extend(messages)
-        return push(grid, messages)
+        return push(grid, messages, timeout)
 
     monkeypatch.setattr(InlineGrid, "push_messages", recording)
     run = run_scenario(build_scenario(scenario(tmp_path, defenses)), tmp_path / name, Console(quiet=True))
@@ -191,9 +191,9 @@ def test_secret_seed_roots_the_secrets_and_never_travels(tmp_path: Path, monkeyp
     sent: list[Message] = []
     push = InlineGrid.push_messages
 
-    def pushing(grid: InlineGrid, messages: list[Message]) -> list[str]:
+    def pushing(grid: InlineGrid, messages: list[Message], timeout: float | None = None) -> list[str]:
         sent.extend(messages := list(messages))
-        return push(grid, messages)
+        return push(grid, messages, timeout)
 
     monkeypatch.setattr(InlineGrid, "push_messages", pushing)
     run_scenario(build_scenario(raw), tmp_path / "secret", Console(quiet=True))

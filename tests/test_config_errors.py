@@ -73,7 +73,7 @@ CASES = [
     Case("no-clients", "data: {num_clients: 0}\n",
          ["data.num_clients: Input should be greater than or equal to 1"]),
     Case("bad-engine", "simulation: {engine: spark}\n",
-         ["simulation.engine:", "'inline' or 'ray'", "got 'spark'"]),
+         ["simulation.engine:", "'inline', 'vectorized' or 'ray'", "got 'spark'"]),
     Case("bad-optimizer", "training: {optimizer: rmsprop}\n",
          ["training.optimizer:", "'sgd' or 'adam'", "got 'rmsprop'"]),
     Case("observer-rounds-bad-word", "observer: {rounds: some}\n",

@@ -91,7 +91,7 @@ def test_registered() -> None:
 
 def test_per_sample_gradients_are_clipped_to_max_grad_norm() -> None:
     C = 0.5
-    defense = DpSgd(DpSgd.Params(noise_multiplier=0.0, max_grad_norm=C))
+    defense = DpSgd(DpSgd.Params(noise_multiplier=0.0, max_grad_norm=C, grad_sample_mode="hooks"))
     plain, optimizer, loader = client_objects(seed=0, scale=20.0)  # large inputs: norms > C
     reference = copy.deepcopy(plain)
     model, optimizer, loader = defense.prepare(plain, optimizer, loader, training(), {})

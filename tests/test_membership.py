@@ -29,7 +29,7 @@ from fedsim.core.config import build_scenario
 from fedsim.core.results import RunDirectory
 from fedsim.data.datasets import federated_data
 from fedsim.evaluation.membership import SUMMARY_KEYS, load_roc, membership_scores, roc, save_roc
-from fedsim.pipeline.shadows import pool_members, shadow_scenario, train_shadows
+from fedsim.pipeline.shadows import pool_members, shadow_population, shadow_scenario, train_shadows
 
 
 def auc(scores, truth) -> float:
@@ -250,16 +250,25 @@ def test_pool_members_are_the_clients_train_splits():
     assert torch.equal(data.pool.x[data.train_index[data.client_indices(0)[0]]], first.x)
 
 
-def test_shadow_federations_train_once_and_differ_in_membership(tmp_path):
+def test_shadow_federations_train_once_on_complementary_halves(tmp_path):
     scenario = build_scenario(TINY)
-    assert shadow_scenario(scenario, 0).seed != shadow_scenario(scenario, 1).seed
-    assert shadow_scenario(scenario, 0).attacks == []
+    assert shadow_scenario(scenario, 0, [0]).seed != shadow_scenario(scenario, 1, [0]).seed
+    assert shadow_scenario(scenario, 0, [0]).attacks == []
+    data = federated_data(scenario.data, scenario.public().seed)
+    train_size = int(pool_members(data).sum())
+    candidates = np.concatenate([np.flatnonzero(pool_members(data)), data.test_index[:train_size]])
+    population = shadow_population(data, candidates, np.random.default_rng(0))
+    assert len(population) == 2 * len(data.train_index) and set(candidates) <= set(population)
     run = RunDirectory(tmp_path)
-    shadows = train_shadows(run, scenario, 2, Console(quiet=True))
-    assert (shadows[0].members != shadows[1].members).any()
+    shadows = train_shadows(run, scenario, 2, population, Console(quiet=True))
+    # Carlini et al.'s split: a population example is IN for at most one shadow of the pair
+    # (none when it fell in a validation split), each shadow trains on as many as the target
+    in_count = shadows[0].members.astype(int) + shadows[1].members
+    assert in_count.max() == 1 and in_count.sum() == in_count[population].sum()
+    assert abs(int(shadows[0].members.sum()) - train_size) <= data.num_partitions
     model_file = tmp_path / "cache" / "shadows" / "shadow_00" / "model.safetensors"
     stamp = model_file.stat().st_mtime_ns
-    again = train_shadows(run, scenario, 2, Console(quiet=True))
+    again = train_shadows(run, scenario, 2, population, Console(quiet=True))
     assert model_file.stat().st_mtime_ns == stamp  # cached, not retrained
     first = next(iter(again[0].model.state_dict().values()))
     assert torch.equal(first, next(iter(shadows[0].model.state_dict().values())))

@@ -246,6 +246,10 @@ def test_single_run_report(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"{summary['training']['final_test_accuracy']:.4g}" in page.cells
     assert "round_0001_client_0000" in page.cells and "dlg" in page.cells  # not its parameters
+    dlg = summary["attacks"]["dlg"]
+    assert dlg["recovered_threshold"] == "SSIM >= 0.7" and 0 <= dlg["recovered"] <= dlg["paired"]
+    assert 0.1 <= dlg["label_chance"] < 0.2 and dlg["judge"].startswith("convnet")
+    assert f"{dlg['recovered']}/{dlg['paired']} recovered (SSIM >= 0.7)" in page.cells
     if CHROMIUM:
         assert_sane_layout(rendered(run_dir / "report.html", tmp_path), 2)
 

@@ -193,6 +193,11 @@ class DataConfig(Section):
     canaries: CanaryConfig = Field(
         default_factory=CanaryConfig, description="DP-audit canaries (fedsim.data.canaries)"
     )
+    train_pool: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description="pool indices the clients train on, the rest being the test set (replaces "
+        "test_fraction; set by shadow federations, fedsim.pipeline.shadows)",
+    )
 
 
 class TrainingConfig(Section):
@@ -229,14 +234,46 @@ class FederationConfig(Section):
     evaluate_clients_per_round: int = Field(
         0, ge=0, description="clients that evaluate on their validation split each round"
     )
+    round_timeout: float = Field(
+        3600.0, gt=0, le=10**7, description="seconds a round waits for replies; later ones are dropped"
+    )
+    accept_failures: bool = Field(
+        True, description="aggregate a round without its failed replies (false: a failure fails the run)"
+    )
+    min_replies: int = Field(
+        1, ge=1, description="fewest usable train replies a round aggregates; fewer fail the run"
+    )
+
+
+class FaultsConfig(Section):
+    """Seeded client faults, for testing how a run copes with failing clients (client side)."""
+
+    kind: Literal["raise", "hang", "drop", "nan"] = Field(
+        "raise",
+        description="raise: the client errors; hang: it sleeps past federation.round_timeout; "
+        "drop: it drops out (no update); nan: it returns a NaN update",
+    )
+    rate: float = Field(0.0, ge=0, le=1, description="chance that a client in the cohort fails in a round")
+    clients: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="only these partition ids fail (each at `rate`; null: any client)"
+    )
+    from_round: int = Field(1, ge=1, description="first round in which faults happen")
 
 
 class SimulationConfig(Section):
     """How the federation is executed."""
 
-    engine: Literal["inline", "ray"] = Field(
+    engine: Literal["inline", "vectorized", "ray"] = Field(
         "inline",
-        description="inline: one process, no Ray (fast, small runs); ray: Flower's simulation engine",
+        description="inline: one process, no Ray (fast, small runs); vectorized: one process, "
+        "each round's cohort trained as one batched computation; ray: Flower's simulation engine",
+    )
+    max_clients_per_batch: int | None = Field(
+        None,
+        ge=1,
+        le=10**6,
+        description="vectorized engine: clients trained together at most (null: all on CPU, "
+        "from free memory on CUDA)",
     )
     client_cpus: float = Field(1.0, gt=0, description="CPUs per client (Ray backend)")
     client_gpus: float = Field(0.0, ge=0, description="GPUs per client, fractional allowed")
@@ -245,6 +282,12 @@ class SimulationConfig(Section):
     )
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch threads per client process")
+    ray_discovery_timeout: float | None = Field(
+        None,
+        gt=0,
+        le=10**6,
+        description="seconds Ray waits for every client node to connect (null: 60 + 2 per client)",
+    )
     secret_seed: int | None = Field(
         None,
         ge=0,
@@ -289,6 +332,7 @@ class Scenario(Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     observer: ObserverConfig = Field(default_factory=ObserverConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     defenses: list[DefenseSpec] = Field(default_factory=list, description="active defenses")
     attacks: list[AttackSpec] = Field(
         default_factory=list, description="attacks run on every recorded observation"
@@ -311,6 +355,20 @@ class Scenario(Section):
             raise ValueError(
                 "federation.evaluate_clients_per_round needs validation data: set "
                 "data.val_fraction above 0, or evaluate_clients_per_round: 0"
+            )
+        if self.federation.min_replies > self.cohort_size:
+            raise ValueError(
+                f"federation.min_replies={self.federation.min_replies} exceeds the cohort of "
+                f"{self.cohort_size} clients; lower it or sample more clients per round"
+            )
+        if self.faults.clients is not None:
+            bad = [c for c in self.faults.clients if not 0 <= c < n]
+            if bad:
+                raise ValueError(f"faults.clients {bad} outside 0..{n - 1}")
+        if self.faults.from_round > self.federation.rounds:
+            raise ValueError(
+                f"faults.from_round={self.faults.from_round} is after the last round "
+                f"({self.federation.rounds}); lower it or set faults.rate: 0"
             )
         if isinstance(self.observer.clients, list):
             bad = [c for c in self.observer.clients if not 0 <= c < n]

@@ -51,6 +51,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 DIVERGED = "diverged"
 """training.json's status when the final model holds NaN or infinite weights."""
 
+FAILED = "failed"
+"""training.json's status when a round had too few usable replies (its `reason` says why)."""
+
 NON_FINITE = "non_finite"
 """The key under which a written record names its fields that were NaN or infinite."""
 
@@ -191,6 +194,14 @@ class RunDirectory:
     def diverged(self) -> bool:
         """Whether training ended with NaN or infinite weights (training.json says so)."""
         return self.training_done and read_record(self.training_path).get("status") == DIVERGED
+
+    @property
+    def failure(self) -> str | None:
+        """Why training stopped early under the failure policy (training.json), else None."""
+        if not self.training_done:
+            return None
+        record = read_record(self.training_path)
+        return str(record.get("reason")) if record.get("status") == FAILED else None
 
     def require(self) -> RunDirectory:
         """This run directory, or a UserError if it is not one."""

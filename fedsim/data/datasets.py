@@ -539,9 +539,15 @@ class FederatedData:
         self.input_shape = dataset.input_shape
         self.num_classes = dataset.num_classes
 
-        train_idx, test_idx = _split(
-            np.arange(len(dataset)), config.test_fraction, seed, labels=dataset.y.numpy()
-        )
+        if config.train_pool is None:
+            train_idx, test_idx = _split(
+                np.arange(len(dataset)), config.test_fraction, seed, labels=dataset.y.numpy()
+            )
+        else:  # a shadow federation's chosen training examples
+            train_idx = np.unique(np.asarray(config.train_pool, dtype=np.int64))
+            if len(train_idx) == 0 or train_idx[-1] >= len(dataset):
+                raise UserError(f"data.train_pool: indices must lie in 0..{len(dataset) - 1}")
+            test_idx = np.setdiff1d(np.arange(len(dataset)), train_idx)
         self.canaries = (  # audit canaries come out of the test set
             draw_canaries(dataset.x, dataset.y, dataset.num_classes, test_idx,
                           config.canaries, config.num_clients, seed)

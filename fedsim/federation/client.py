@@ -39,8 +39,9 @@ from fedsim.federation.client_call import (
     client_setup,
     dp_reply_metrics,
 )
+from fedsim.federation.faults import fault_mod
 from fedsim.federation.protocol import SCENARIO_KEY, TRUTH_KEY
-from fedsim.federation.training import LocalHyperParams, evaluate, train_locally
+from fedsim.federation.training import LocalHyperParams, LocalResult, evaluate, train_locally
 
 app = ClientApp()
 _installed_actions: set[str] = set()  # CLIENT_ACTIONS names given a handler on `app`
@@ -126,8 +127,9 @@ def defense_mods(message: Message, context: Context, call_next: ClientAppCallabl
         return make_ffn(call_next, setup.client_mods)(message, context)
 
 
-# transport mods outermost: SecAgg+ masks the reply after every defense's mod has acted on it.
-@app.train(mods=[transport_mods, defense_mods])
+# faults outermost (a failing client fails whole); then transport mods: SecAgg+ masks the reply
+# after every defense's mod has acted on it.
+@app.train(mods=[fault_mod, transport_mods, defense_mods])
 def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     setup = client_setup(str(config[SCENARIO_KEY]))
@@ -164,6 +166,20 @@ def train(message: Message, context: Context) -> Message:
     for defense in setup.train_defenses:
         model = defense.unwrap(model)
 
+    return train_reply(message, setup, model, global_state, result, pid, secret)
+
+
+def train_reply(
+    message: Message,
+    setup: ClientSetup,
+    model: torch.nn.Module,
+    global_state: dict[str, torch.Tensor],
+    result: LocalResult,
+    pid: int,
+    secret: int,
+) -> Message:
+    """The reply to a train message once local training is done (also the vectorised engine's)."""
+    scenario, server_round = setup.scenario, int(message.content["config"]["server-round"])
     sent = defended_weights(setup, model, global_state, secret, server_round)
     metrics = {
         "num-examples": result.num_examples,

@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
@@ -63,6 +64,31 @@ from fedsim.core.results import (
     read_record,
 )
 from fedsim.federation.training import LocalHyperParams
+
+class RoundFailed(RuntimeError):
+    """A round had too few usable replies under the scenario's failure policy; `diverged`
+    when every failure was a non-finite update (the clients' training diverged)."""
+
+    def __init__(self, message: str, diverged: bool = False) -> None:
+        super().__init__(message)
+        self.diverged = diverged
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(
+        bool(torch.isfinite(t).all()) for t in arrays.to_torch_state_dict().values() if t.is_floating_point()
+    )
+
+
+DISCOVERY_BASE_S, DISCOVERY_PER_CLIENT_S = 60.0, 2.0
+
+
+def discovery_timeout(scenario: Scenario) -> float:
+    """How long the server waits for every client node to connect: the setting, else a base
+    plus a share per client (a loaded machine starts 100 Ray workers far slower than 10)."""
+    configured = scenario.simulation.ray_discovery_timeout
+    return configured or DISCOVERY_BASE_S + DISCOVERY_PER_CLIENT_S * scenario.data.num_clients
+
 
 AGGREGATE_CLIENT = -1
 """The `client` of an aggregate-only observation."""
@@ -191,6 +217,10 @@ class ObservingGrid(GridView):
         self.run_dir = run
         self.round_client_metrics: dict[int, list[dict[str, Any]]] = {}
         self.round_client_evaluation: dict[int, list[dict[str, Any]]] = {}
+        # round -> failure kind -> partition ids (see `_drop_failures`)
+        self.round_failures: dict[int, dict[str, list[int]]] = {}
+        self.round_evaluate_failures: dict[int, dict[str, list[int]]] = {}
+        self.round_errors: dict[int, list[str]] = {}
         self.partition_of = self._discover_partitions()
         self.node_of = {pid: node for node, pid in self.partition_of.items()}
 
@@ -203,14 +233,11 @@ class ObservingGrid(GridView):
         messages = list(messages)
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         replies.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, -1))
-        for reply in replies:
-            if reply.has_error():
-                pid = self.partition_of.get(reply.metadata.src_node_id, "?")
-                raise RuntimeError(f"client {pid} failed: {reply.error.reason}")
         kind = messages[0].metadata.message_type if messages else None
-        if kind == MessageType.TRAIN:
-            self._record_train_round(messages[0].content, replies)
-        elif kind is not None and kind.startswith(f"{MessageType.TRAIN}."):  # e.g. DIFF2's releases
+        if kind == MessageType.TRAIN:  # what the server saw, non-finite updates included
+            self._record_train_round(messages[0].content, [r for r in replies if not r.has_error()])
+        replies = self._drop_failures(kind, messages, replies)
+        if kind is not None and kind.startswith(f"{MessageType.TRAIN}."):  # e.g. DIFF2's releases
             server_round = int(messages[0].content["config"]["server-round"])
             self.round_client_metrics[server_round] = [dict(r.content["metrics"]) for r in replies]
         elif kind == MessageType.EVALUATE:
@@ -218,9 +245,64 @@ class ObservingGrid(GridView):
             self.round_client_evaluation[server_round] = [dict(r.content["metrics"]) for r in replies]
         return replies
 
-    def _discover_partitions(self, wait_s: float = 120.0) -> dict[int, int]:
-        """Ask every node which partition it holds, once all of them have connected."""
+    def _drop_failures(self, kind: str | None, messages: list[Message], replies: list[Message]) -> list[Message]:
+        """The replies the strategy may use; failures are recorded per round and left out.
+
+        A failure is an error reply (`error`; `dropped` for a node that went away), a message
+        with no reply within the round timeout (`timeout`), or a train reply with a NaN or
+        infinite weight (`non_finite`, which would poison the average; it is still recorded as
+        an observation, which attacks skip, and its metrics, so the privacy its client spent
+        is still reported). Fewer than
+        `federation.min_replies` usable train replies, or any failure without
+        `federation.accept_failures`, fails the run with a `RoundFailed` naming the clients.
+        """
+        if kind is None or not kind.startswith(MessageType.TRAIN) and kind != MessageType.EVALUATE:
+            return replies
+        server_round = int(messages[0].content["config"]["server-round"])
+        failures: dict[str, list[int]] = {}
+        kept = []
+        answered = {r.metadata.src_node_id for r in replies}
+        for message in messages:
+            if message.metadata.dst_node_id not in answered:
+                failures.setdefault("timeout", []).append(self.partition_of.get(message.metadata.dst_node_id, -1))
+        for reply in replies:
+            pid = self.partition_of.get(reply.metadata.src_node_id, -1)
+            if reply.has_error():
+                dropped = reply.error.code == ErrorCode.NODE_UNAVAILABLE
+                failures.setdefault("dropped" if dropped else "error", []).append(pid)
+                self.round_errors.setdefault(server_round, []).append(f"client {pid}: {reply.error.reason}")
+            elif kind == MessageType.TRAIN and "arrays" in reply.content and not _finite(reply.content["arrays"]):
+                failures.setdefault("non_finite", []).append(pid)
+            else:
+                kept.append(reply)
+        if failures:
+            failures = {k: sorted(v) for k, v in failures.items()}
+            (self.round_evaluate_failures if kind == MessageType.EVALUATE else self.round_failures)[server_round] = failures
+            if kind != MessageType.EVALUATE:
+                atomic_write_json(
+                    _round_dir(self.run_dir.observations_dir, server_round) / "failures.json",
+                    {"server_round": server_round, "sent": len(messages), "failures": failures},
+                )
+        if kind == MessageType.EVALUATE:
+            return kept
+        policy = self.scenario.federation
+        if len(kept) < policy.min_replies or failures and not policy.accept_failures:
+            detail = "; ".join(self.round_errors.get(server_round, [])[:3])
+            raise RoundFailed(
+                f"round {server_round}: {len(kept)} usable replies of {len(messages)} "
+                f"(federation.min_replies={policy.min_replies}, "
+                f"accept_failures={str(policy.accept_failures).lower()}); failed: "
+                + ", ".join(f"{k} {v}" for k, v in failures.items())
+                + (f" ({detail})" if detail else ""),
+                diverged=set(failures) == {"non_finite"},
+            )
+        return kept
+
+    def _discover_partitions(self) -> dict[int, int]:
+        """Ask every node which partition it holds, once all of them have connected (within
+        `simulation.ray_discovery_timeout`, by default in proportion to the federation)."""
         expected = self.scenario.data.num_clients
+        wait_s = discovery_timeout(self.scenario)
         deadline = time.monotonic() + wait_s
         mapping: dict[int, int] = {}
         while len(mapping) < expected:
@@ -236,7 +318,10 @@ class ObservingGrid(GridView):
                     )
                 mapping[reply.metadata.src_node_id] = int(identity["partition-id"])
             if len(mapping) < expected and time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(mapping)} of {expected} client nodes connected")
+                raise UserError(
+                    f"only {len(mapping)} of {expected} client nodes connected within {wait_s:g} s; "
+                    "raise simulation.ray_discovery_timeout (or give Ray more CPUs per client)"
+                )
             if len(mapping) < expected:
                 time.sleep(0.2)
         return mapping

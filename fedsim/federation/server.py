@@ -24,10 +24,13 @@ from fedsim.core.config import Scenario, load_scenario
 from fedsim.data.datasets import federated_data
 from fedsim.core.defense import ServerTimeDefense, build_defenses
 from fedsim.models import federated_model
-from fedsim.federation.observer import ObservingGrid
-from fedsim.core.registry import STRATEGIES
+from fedsim.federation.observer import ObservingGrid, RoundFailed
+from fedsim.core.malicious import MaliciousServer
+from fedsim.core.registry import ATTACKS, STRATEGIES
+from fedsim.core.seeding import derive_seed
 from fedsim.core.results import (
     DIVERGED,
+    FAILED,
     RunDirectory,
     atomic_write_bytes,
     atomic_write_json,
@@ -59,7 +62,26 @@ def initial_model(scenario: Scenario) -> torch.nn.Module:
     """The global model before round 1, seeded by the scenario."""
     data = federated_data(scenario.data, scenario.seed)
     torch.manual_seed(scenario.seed)
-    return federated_model(scenario, data.input_shape, data.num_classes)
+    model = federated_model(scenario, data.input_shape, data.num_classes)
+    fit_public = getattr(model, "fit_public", None)  # a model with a map fitted on public data
+    if fit_public is not None:
+        fit_public(data.public.x)
+    return model
+
+
+def craft_malicious(
+    model: torch.nn.Module, scenario: Scenario, input_shape: tuple[int, ...], public_x: torch.Tensor, run: RunDirectory
+) -> None:
+    """Let every malicious-server attack of the scenario craft the first global model in place,
+    writing what each did to observations/malicious.json (the observer records the weights)."""
+    records = {}
+    for spec in scenario.attacks:
+        attack = ATTACKS.get(spec.name)
+        if issubclass(attack, MaliciousServer):
+            crafter = attack(spec.params, seed=derive_seed(scenario.seed, "attack", spec.name))
+            records[spec.name] = crafter.craft(model, tuple(input_shape), public_x)
+    if records:
+        atomic_write_json(run.observations_dir / "malicious.json", {"sent_in_round": 1, "attacks": records})
 
 
 def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
@@ -71,6 +93,7 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     scenario = scenario.public()
     data = federated_data(scenario.data, scenario.seed)
     model = initial_model(scenario)
+    craft_malicious(model, scenario, data.input_shape, data.test.x, run)
     defenses = build_defenses(scenario.defenses)
     server_defenses = [d for d in defenses if isinstance(d, ServerTimeDefense)]
     for defense in server_defenses:
@@ -109,10 +132,13 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
             "test_loss": test["loss"],
             "elapsed_s": round(time.perf_counter() - started, 3),
             "clients": view.round_client_metrics.get(server_round, []),
+            "failures": view.round_failures.get(server_round, {}),
             "client_evaluation": view.round_client_evaluation.get(server_round, []),
         }
         for defense in server_defenses:
             record.update({f"central_{k}": v for k, v in defense.round_metrics(server_round).items()})
+        if server_round in view.round_evaluate_failures:
+            record["evaluate_failures"] = view.round_evaluate_failures[server_round]
         for client in record["clients"]:
             for key, value in client.items():
                 if key.endswith("epsilon"):
@@ -128,14 +154,33 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     config = ConfigRecord(train_config(scenario))
     # Flower's central-DP wrappers draw their noise from numpy's global generator.
     with numpy_global_seed(scenario.seed, "server-noise"):
-        result = strategy.start(
-            grid=view,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=scenario.federation.rounds,
-            train_config=config,
-            evaluate_config=config,
-            evaluate_fn=evaluate_global,
-        )
+        try:
+            result = strategy.start(
+                grid=view,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=scenario.federation.rounds,
+                train_config=config,
+                evaluate_config=config,
+                evaluate_fn=evaluate_global,
+                timeout=scenario.federation.round_timeout,
+            )
+        except RoundFailed as failed:  # the failure policy's verdict, recorded, not a crash
+            trained = [r for r in run.metrics() if r["round"] > 0]
+            atomic_write_json(
+                run.training_path,
+                {
+                    "status": DIVERGED if failed.diverged else FAILED,
+                    "reason": str(failed),
+                    "final_test_accuracy": trained[-1]["test_accuracy"] if trained else None,
+                    "best_test_accuracy": max(
+                        (r["test_accuracy"] for r in trained if r["test_accuracy"] is not None), default=None
+                    ),
+                    "rounds": len(trained),
+                    "wall_time_s": round(time.perf_counter() - started, 3),
+                    "finished_at": datetime.now(timezone.utc).isoformat(),
+                },
+            )
+            return
     final = result.arrays.to_torch_state_dict()
     if scenario.output.save_model:
         contiguous = {k: v.contiguous() for k, v in final.items()}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable
 from copy import deepcopy
 from itertools import count
@@ -32,9 +33,9 @@ from urllib.parse import urlsplit
 from uuid import uuid4
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -45,6 +46,7 @@ from fedsim.core.errors import UserError
 from fedsim.core.results import RunDirectory
 from fedsim.core.seeding import SECRET_KEY, client_secret
 from fedsim.federation.server import RoundCallback, make_server_app, serve
+from fedsim.federation.cohort.engine import VectorizedGrid
 
 log = logging.getLogger("fedsim")
 
@@ -103,19 +105,35 @@ class InlineGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+    def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> Iterable[str]:
+        """Run each node's ClientApp on its message, one after another.
+
+        As in Flower's runtime, a ClientApp that raises answers with an error reply. The calls
+        run in turn, not concurrently, so a hung call cannot be interrupted: each is timed
+        alone, and a reply that took longer than `timeout` is dropped, as a server that
+        waited `timeout` for concurrent replies would never have seen it.
+        """
         ids = []
         for message in messages:
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id  # as Flower's InMemoryGrid does
             node_id = message.metadata.dst_node_id
             TaskIdentity.node_id = node_id
+            started = time.monotonic()
             try:
                 # Deliver a copy, as a real transport would: a client may alter what it gets
                 # (Flower's secaggplus_mod pops its stage key), and messages share content.
-                self.replies[message_id] = self.client_app(deepcopy(message), self.contexts[node_id])
+                reply = self.client_app(deepcopy(message), self.contexts[node_id])
+            except UserError:  # a setting the client cannot work with: the user's error, as before
+                raise
+            except Exception as err:  # noqa: BLE001 - any client failure becomes its error reply
+                log.debug("client node %s raised", node_id, exc_info=True)
+                reason = f"{type(err).__name__}: {err}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
             finally:
                 TaskIdentity.node_id = SUPERLINK_NODE_ID
+            if timeout is None or time.monotonic() - started <= timeout:
+                self.replies[message_id] = reply
             ids.append(message_id)
         return ids
 
@@ -123,13 +141,20 @@ class InlineGrid(Grid):
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return self.pull_messages(self.push_messages(messages, timeout))
 
 
 def run_inline(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     grid = InlineGrid(SecretNodes(client.app, scenario.client_secret_root), scenario.data.num_clients)
     serve(grid, scenario, run, on_round)
+
+
+def run_vectorized(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
+    """The inline engine's nodes, with each round's train messages trained as one cohort."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    inline = InlineGrid(SecretNodes(client.app, scenario.client_secret_root), scenario.data.num_clients)
+    serve(VectorizedGrid(inline), scenario, run, on_round)
 
 
 def ray_backend_config(scenario: Scenario) -> dict[str, Any]:
@@ -209,5 +234,7 @@ def run_federation(scenario: Scenario, run: RunDirectory, on_round: RoundCallbac
     quiet_flower()
     if scenario.simulation.engine == "ray":
         run_ray(scenario, run, on_round)
+    elif scenario.simulation.engine == "vectorized":
+        run_vectorized(scenario, run, on_round)
     else:
         run_inline(scenario, run, on_round)

@@ -5,8 +5,9 @@ scenario seed and the attack's name; who is which comes from the run's own recor
 the attack's `MembershipTarget` (`fedsim.core.membership`):
 
 - model-holder attacks (`granted = "model"`): members are examples some client trains on (the
-  union of the clients' train splits, `fedsim.pipeline.shadows.pool_members`), non-members
-  examples of the global test set; the rest of the test set is the attacker's population data.
+  union of the clients' train splits, `fedsim.pipeline.shadows.pool_members`), non-members as
+  many examples of the global test set (one draw shared by every such attack of the run); the
+  rest of the test set is the attacker's population data.
   Reference models are shadow federations of the same scenario (`train_shadows`, cached under
   `cache/shadows/`). Output: `attacks/<name>/final_model.json` and its ROC curve
   `final_model.roc.{json,png}`.
@@ -46,7 +47,7 @@ from fedsim.evaluation.auditing import DEFAULT_BETA, one_run_audit
 from fedsim.evaluation.membership import SUMMARY_KEYS, describe, membership_scores, save_roc
 from fedsim.federation.observer import Observation, load_observations, observed_batches
 from fedsim.pipeline import model_leakage
-from fedsim.pipeline.shadows import pool_members, train_shadows
+from fedsim.pipeline.shadows import pool_members, shadow_population, train_shadows
 
 MAX_CANDIDATES = 2000
 """At most this many candidates per target (at most half members), so big runs stay cheap."""
@@ -102,16 +103,19 @@ def attack_final_model(
         return
     data = federated_data(scenario.data, scenario.public().seed)  # as the federation held it
     model = model_leakage.model_target(run, scenario, data).model
-    rng = np.random.default_rng(derive_seed(scenario.seed, "membership", spec.name))
-    members = pool_members(data)
+    # one draw for every model-holder attack of the run, so they share the shadows
+    rng = np.random.default_rng(derive_seed(scenario.seed, "membership", "final_model"))
+    members = np.flatnonzero(pool_members(data))
+    # as many non-members as members: the shadows' halves then match the target's train size
     candidates, truth, population = draw_candidates(
-        np.flatnonzero(members), data.test_index, MAX_CANDIDATES, rng
+        members, data.test_index, 2 * min(len(members), MAX_CANDIDATES // 2), rng
     )
+    shadow_pool = shadow_population(data, candidates, rng)
 
     def reference_models(count: int) -> list[ReferenceModel]:
         return [
             ReferenceModel(s.model, s.members[candidates], s.members[population])
-            for s in train_shadows(run, scenario, count, console)
+            for s in train_shadows(run, scenario, count, shadow_pool, console)
         ]
 
     target = MembershipTarget(

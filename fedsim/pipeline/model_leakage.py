@@ -41,6 +41,7 @@ SCORES = (
     "target_confidence",
     "public_baseline_top1",
     "public_baseline_knn",
+    "chance_top1",
 )
 
 
@@ -148,6 +149,7 @@ def attack_model(
             "correct": score.correct,
             "public_baseline_top1": baseline.top1_accuracy if baseline else None,
             "public_baseline_knn": baseline.knn_distance if baseline else None,
+            "chance_top1": 1 / len(evaluator.classes),  # a uniform guess among the private classes
             "attack_loss": recon.attack_loss,
             **recon.details,
             "seconds": round(seconds, 3),

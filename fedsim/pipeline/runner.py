@@ -18,10 +18,14 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsim.evaluation.metrics import (
-    SUMMARY_KEYS,
+    describe_meaning,
     describe_scores,
+    leaks,
     save_image_grid,
     score_reconstruction,
+    summarise_reconstructions,
+    train_judge,
+    zero_knowledge_baseline,
 )
 from fedsim.pipeline import membership, model_leakage
 from fedsim.pipeline.progress import attack_progress, progress_bar
@@ -38,6 +42,7 @@ from fedsim.federation.observer import Observation, load_observations, observed_
 from fedsim.core.registry import ATTACKS
 from fedsim.core.results import (
     DIVERGED,
+    FAILED,
     RunDirectory,
     atomic_write_bytes,
     atomic_write_json,
@@ -258,6 +263,12 @@ def attack_observations(
             attack.prepare(auxiliary_data(data, scenario), run.root / model_leakage.CACHE, console)
             prepared = True
         pending.setdefault(observation.server_round, []).append((observation, truth_x, truth_y))
+    judge = None
+    if pending and data.test.x.dim() == 4 and not data.test.y.is_floating_point():
+        judge = train_judge(
+            data.test, scenario.data.model_dump(mode="json"), derive_seed(scenario.seed, "judge"),
+            run.root / model_leakage.CACHE, console,
+        )  # fmt: skip
     for group in pending.values():
         targets = [
             replace(gradient_target(o, scenario, data), known_labels=y if attack.wants_known_labels else None)
@@ -269,7 +280,8 @@ def attack_observations(
         seconds = (time.perf_counter() - started) / len(group)
         for (observation, truth_x, truth_y), recon in zip(group, recons, strict=True):
             stem = observation.stem
-            scores = score_reconstruction(recon.images, truth_x, recon.labels, truth_y, recon.details)
+            scores = score_reconstruction(recon.images, truth_x, recon.labels, truth_y, recon.details, judge)
+            scores |= zero_knowledge_baseline(truth_x, data.test)
             if truth_x.dim() == 4:
                 save_image_grid(truth_x, recon.images, out_dir / f"{stem}.png", title=f"{spec.name} {stem}")
             save_reconstruction(recon, out_dir / f"{stem}.safetensors")
@@ -315,14 +327,9 @@ def write_summary(run: RunDirectory, scenario: Scenario) -> dict[str, Any]:
         if memberships:
             summary["attacks"][attack_dir.name] = membership.summarise(memberships)
         if records:
-            summary["attacks"][attack_dir.name] = {
-                "targets": len(records),
-                **{
-                    key: sum(r[key] for r in records) / len(records)
-                    for key in SUMMARY_KEYS
-                    if all(key in r for r in records)
-                },
-            }
+            summary["attacks"][attack_dir.name] = summarise_reconstructions(records)
+        for scores in summary["attacks"].values():
+            scores.setdefault("leaked", leaks(scores))
     atomic_write_json(run.summary_path, summary)
     return summary
 
@@ -334,6 +341,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     training = summary["training"] or {}
     if training.get("status") == DIVERGED:
         table.add_row("status", "[red]diverged[/]: NaN or infinite weights")
+    if training.get("status") == FAILED:
+        table.add_row("status", f"[red]failed[/]: {training.get('reason')}")
     for key in ("final_test_accuracy", "best_test_accuracy", "wall_time_s"):
         if training.get(key) is not None:
             table.add_row(key.replace("_", " "), f"{training[key]:.3f}")
@@ -348,5 +357,6 @@ def summary_table(summary: dict[str, Any]) -> Table:
             if "auc" in scores
             else describe_scores(scores),
         )
+        table.add_row("", describe_meaning(scores))
     table.add_row("run directory", summary["run_dir"])
     return table

@@ -4,14 +4,16 @@ A reference-model membership attack (threat model 3 plus the power to train) nee
 trained exactly like the target, some on each candidate example and some not. fedsim trains
 them by running the target's own scenario through the same federation engine
 (`run_federation`: same model, strategy, defenses, rounds) with only the seed changed,
-`derive_seed(seed, "shadow", k)`: the test split and the partitions are drawn anew, so each
-example of the private pool lands in some shadow's clients' training data and not in others'.
-Nothing of the target run's randomness is reused (its secret seed is dropped), no attack runs
-and nothing is observed.
+`derive_seed(seed, "shadow", k)`, and the training examples chosen as Carlini et al. (2022,
+sec. 5) choose them: the attacker's shadow population (the candidates, topped up with other
+pool examples to twice the target's training-set size) is split in random halves, shadow 2j
+trains on one half and shadow 2j + 1 on the other (`data.train_pool`). Each candidate is thus IN
+for exactly half of any even number of shadows, and a shadow trains on as many examples as the
+target. Nothing of the target run's randomness is reused (its secret seed is dropped), no
+attack runs and nothing is observed.
 
 Each shadow is a run directory under `cache/shadows/shadow_KK/` of the target run (its
-scenario.yaml, metrics.jsonl, model.safetensors), plus `members.json`: the pool indices its
-clients trained on. A finished shadow is never retrained, so a killed attack resumes, and
+scenario.yaml, with the pool indices its clients trained on, metrics.jsonl, model.safetensors). A finished shadow is never retrained, so a killed attack resumes, and
 every reference attack of the run (LiRA online and offline, RMIA) shares the same shadows.
 """
 
@@ -27,7 +29,7 @@ from torch import nn
 
 from fedsim.core.config import CanaryConfig, ObserverConfig, Scenario
 from fedsim.core.errors import UserError
-from fedsim.core.results import RunDirectory, atomic_write_json, prepare_run_directory, read_record
+from fedsim.core.results import RunDirectory, prepare_run_directory
 from fedsim.core.seeding import derive_seed
 from fedsim.data.datasets import FederatedData, federated_data
 from fedsim.federation.simulation import run_federation
@@ -54,28 +56,52 @@ def pool_members(data: FederatedData) -> np.ndarray:
     return members
 
 
-def shadow_scenario(scenario: Scenario, index: int) -> Scenario:
-    """The target's scenario with a fresh seed, no attacks or canaries, nothing observed, the
-    model saved."""
+def shadow_population(
+    data: FederatedData, candidates: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """The pool examples shadows train on halves of: the candidates, topped up with random
+    other pool examples to twice the target's client data (train and validation splits), as
+    far as the pool allows."""
+    size = 2 * len(data.train_index)
+    others = np.setdiff1d(np.arange(len(data.pool)), candidates)
+    extra = rng.choice(others, min(max(size - len(candidates), 0), len(others)), replace=False)
+    return np.concatenate([candidates, extra])
+
+
+def shadow_train_pool(scenario: Scenario, population: np.ndarray, index: int) -> list[int]:
+    """Shadow `index`'s training examples: one of the two random halves of `population` drawn
+    for the pair (2j, 2j + 1), shadow 2j the first half, 2j + 1 the second."""
+    rng = np.random.default_rng(derive_seed(scenario.seed, "shadow-halves", index // 2))
+    order = rng.permutation(population)
+    half = len(order) // 2
+    return sorted(order[:half].tolist() if index % 2 == 0 else order[half:].tolist())
+
+
+def shadow_scenario(scenario: Scenario, index: int, train_pool: list[int]) -> Scenario:
+    """The target's scenario with a fresh seed, `train_pool` as its training examples, no
+    attacks or canaries, nothing observed, the model saved."""
     return scenario.model_copy(
         update={
             "name": f"{scenario.name}-shadow",
             "seed": derive_seed(scenario.seed, "shadow", index) % 2**31,
             "attacks": [],
             "observer": ObserverConfig(rounds="none"),
-            "data": scenario.data.model_copy(update={"canaries": CanaryConfig()}),
+            "data": scenario.data.model_copy(update={"canaries": CanaryConfig(), "train_pool": train_pool}),
             "output": scenario.output.model_copy(update={"save_model": True}),
             "simulation": scenario.simulation.model_copy(update={"secret_seed": None}),
         }
     )
 
 
-def train_shadows(run: RunDirectory, scenario: Scenario, count: int, console: Console) -> list[Shadow]:
-    """`count` shadow federations of `scenario`, trained once and cached in `run`."""
+def train_shadows(
+    run: RunDirectory, scenario: Scenario, count: int, population: np.ndarray, console: Console
+) -> list[Shadow]:
+    """`count` shadow federations of `scenario` on halves of `population` (pool indices),
+    trained once and cached in `run`."""
     target = federated_data(scenario.data, scenario.public().seed)
     shadows = []
     for index in range(count):
-        shadow = shadow_scenario(scenario, index)
+        shadow = shadow_scenario(scenario, index, shadow_train_pool(scenario, population, index))
         directory = prepare_run_directory(shadow, run.root / "cache" / SHADOWS / f"shadow_{index:02d}")
         data = federated_data(shadow.data, shadow.public().seed)
         if not (torch.equal(data.pool.x, target.pool.x) and torch.equal(data.pool.y, target.pool.y)):
@@ -83,15 +109,11 @@ def train_shadows(run: RunDirectory, scenario: Scenario, count: int, console: Co
                 f"dataset '{scenario.data.dataset.name}' changes with the seed, so shadow models "
                 "cannot be trained on the same population; use a fixed dataset (e.g. digits)"
             )
-        members_path = directory.root / "members.json"
-        if not (directory.training_done and members_path.is_file()):
+        if not directory.training_done:
             console.print(f"shadow federation {index + 1}/{count} -> {directory.root}")
             directory.reset_training()
             run_federation(shadow, directory)
-            atomic_write_json(members_path, {"members": np.flatnonzero(pool_members(data)).tolist()})
-        members = np.zeros(len(data.pool), dtype=bool)
-        members[read_record(members_path, "members")["members"]] = True
         model = federated_model(shadow, data.input_shape, data.num_classes)
         model.load_state_dict(load_file(str(directory.model_path)))
-        shadows.append(Shadow(model.eval().requires_grad_(False), members))
+        shadows.append(Shadow(model.eval().requires_grad_(False), pool_members(data)))
     return shadows

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedsim.evaluation.metrics import more_path
+from fedsim.evaluation.metrics import meaning_parts, more_path
 from fedsim.reporting import audit_figures, report_figures as figures
 from fedsim.core.errors import UserError
 from fedsim.core.results import RunDirectory, atomic_write_bytes, read_record
@@ -275,8 +275,18 @@ def run_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
     records = [
         {**read_record(p), "attack": p.parent.name, "target": p.stem} for p in paths
     ]  # the target's name, not the attack's parameter mapping, leads each row
+    attacks = read_record(run.summary_path, "attacks")["attacks"]
+    if attacks:
+        blocks += [
+            Heading("What leaked (against a zero-knowledge attacker)"),
+            TableBlock(
+                ["attack", "meaning"],
+                [[name, part] for name, scores in attacks.items() for part in meaning_parts(scores)],
+            ),
+        ]
     if records:
-        columns = ["attack", "target", "psnr", "ssim", "label_accuracy", "seconds", "skipped"]
+        columns = ["attack", "target", "psnr", "ssim", "recovered", "paired", "baseline_ssim",
+                   "label_accuracy", "label_chance", "recognised", "seconds", "skipped"]  # fmt: skip
         blocks += [
             Heading("Leakage per attacked observation"),
             frame_table(pd.DataFrame(records).reindex(columns=columns)),

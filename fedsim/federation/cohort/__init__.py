@@ -1,0 +1,1 @@
+"""The vectorised cohort engine: a round's clients trained as one batched computation."""

@@ -1,0 +1,159 @@
+"""`simulation.engine: vectorized`: a Grid that trains a round's cohort as one computation.
+
+It wraps the inline engine's Grid (`InlineGrid`: node contexts, the ClientApp) and takes the
+train messages the strategy sends together; each chunk of at most `max_clients_per_batch` of
+them is trained by `fedsim.federation.cohort.executor.train_cohort`, and every client gets the
+ordinary reply the ClientApp would give (`fedsim.federation.client.train_reply`: update-time
+defenses, metrics, truth record), so the observer, strategies and attacks see what they see
+under the inline engine. Each client's batches still come from its own secret generator.
+Everything else (queries, evaluation, client actions, scenarios it cannot vectorise) goes to
+the inline Grid, with a one-line notice naming why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from functools import lru_cache
+from uuid import uuid4
+
+import torch
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from fedsim.core.errors import UserError
+from fedsim.core.seeding import node_secret, torch_generator
+from fedsim.federation.client import partition_id, train_reply
+from fedsim.federation.client_call import ClientSetup, client_setup
+from fedsim.federation.cohort.executor import batch_schedule, train_cohort
+from fedsim.federation.grid_view import GridView
+from fedsim.federation.protocol import SCENARIO_KEY
+from fedsim.federation.training import LocalHyperParams, LocalResult
+
+log = logging.getLogger("fedsim")
+CUDA_MEMORY_SHARE = 0.5  # of the free GPU memory a chunk may plan for
+
+
+@lru_cache(maxsize=8)
+def fallback_reason(scenario_yaml: str) -> str | None:
+    """Why this scenario's local training cannot be vectorised (None: it can)."""
+    setup = client_setup(scenario_yaml)
+    scenario = setup.scenario
+    if setup.train_defenses:
+        names = ", ".join(type(d).__name__ for d in setup.train_defenses)
+        return f"train-time defenses ({names}) are not vectorised"
+    if setup.client_mods:
+        return "the scenario's defenses run Flower client mods around each client"
+    if any(d.name == "secagg_plus" for d in scenario.defenses):
+        return "SecAgg+ runs its own per-client protocol"
+    if scenario.faults.rate > 0:
+        return "faults are injected per client call"
+    model = setup.new_model()
+    if list(model.buffers()):
+        return f"model '{scenario.model.name}' keeps buffers (e.g. batch-norm statistics)"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return f"model '{scenario.model.name}' draws dropout noise"
+    if not all(type(m).__module__.startswith(("torch.", "fedsim.models.classical")) for m in model.modules()):
+        return f"model '{scenario.model.name}' is not a plain torch model"
+    return None
+
+
+def chunk_size(setup: ClientSetup, sample: LocalHyperParams) -> int:
+    """Clients per chunk: the scenario's `max_clients_per_batch`, else all on CPU, else what
+    fits in a share of the free CUDA memory (parameters, gradients, two optimizer moments,
+    anchor and padded data per client, plus a batch of activations guessed as 8x the input)."""
+    limit = setup.scenario.simulation.max_clients_per_batch
+    if limit is not None or setup.device.type != "cuda":
+        return limit or 1 << 30
+    params = sum(p.numel() for p in setup.new_model().parameters()) * 4
+    data = setup.data.client(0)[0]
+    example = data.x[0].numel() * data.x.element_size()
+    per_client = 6 * params + 2 * len(data) * example + 8 * sample.batch_size * example
+    free, _ = torch.cuda.mem_get_info(setup.device)
+    return max(1, int(free * CUDA_MEMORY_SHARE // per_client))
+
+
+class VectorizedGrid(GridView):
+    """Trains the train messages of one push together; forwards everything else."""
+
+    def __init__(self, inner: Grid) -> None:
+        super().__init__(inner)
+        self.replies: dict[str, Message] = {}
+        self._noticed: set[str] = set()
+
+    def _vectorisable(self, message: Message) -> bool:
+        if message.metadata.message_type != MessageType.TRAIN:
+            return False
+        config = message.content.config_records.get("config")
+        if config is None or SCENARIO_KEY not in config:
+            return False
+        reason = fallback_reason(str(config[SCENARIO_KEY]))
+        if reason is not None and reason not in self._noticed:
+            self._noticed.add(reason)
+            log.warning("engine vectorized: local training runs inline: %s", reason)
+        return reason is None
+
+    def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> Iterable[str]:
+        ids, batch = [], []
+        for message in messages:
+            if self._vectorisable(message):
+                message_id = str(uuid4())
+                message.metadata.__dict__["_message_id"] = message_id
+                batch.append(message)
+                ids.append(message_id)
+            else:
+                ids.extend(self.inner.push_messages([message], timeout))
+        groups: dict[tuple[str, str], list[Message]] = {}
+        for message in batch:
+            config = message.content["config"]
+            hp = LocalHyperParams.from_config(config)
+            groups.setdefault((str(config[SCENARIO_KEY]), repr(hp)), []).append(message)
+        for (scenario_yaml, _), group in groups.items():
+            setup = client_setup(scenario_yaml)
+            size = chunk_size(setup, LocalHyperParams.from_config(group[0].content["config"]))
+            for start in range(0, len(group), size):
+                self._train(setup, group[start : start + size])
+        return ids
+
+    def _train(self, setup: ClientSetup, messages: list[Message]) -> None:
+        contexts = [self.inner.contexts[m.metadata.dst_node_id] for m in messages]
+        config = messages[0].content["config"]
+        hp, server_round = LocalHyperParams.from_config(config), int(config["server-round"])
+        pids = [partition_id(c) for c in contexts]
+        secrets = [node_secret(c) for c in contexts]
+        datas = [setup.data.client(pid)[0] for pid in pids]
+        if any(len(d) == 0 for d in datas):
+            raise UserError("a client has no training examples; give every client data (data.partitioner) or use fewer clients")
+        schedules = [
+            batch_schedule(len(d), hp, torch_generator(secret, "batches", server_round))
+            for d, secret in zip(datas, secrets)
+        ]
+        starts = [m.content["arrays"].to_torch_state_dict() for m in messages]
+        model = setup.new_model().to(setup.device)
+        done = train_cohort(model, starts, datas, schedules, hp, setup.device)
+        scratch = setup.new_model()
+        for message, start, params, loss, schedule, data, pid, secret in zip(
+            messages, starts, done.params, done.mean_losses, schedules, datas, pids, secrets
+        ):
+            scratch.load_state_dict({**start, **params})
+            result = LocalResult(
+                num_examples=len(data),
+                steps=len(schedule),
+                mean_loss=loss,
+                batches=[b.tolist() for b in schedule],
+            )
+            self.replies[message.metadata.message_id] = train_reply(
+                message, setup, scratch, start, result, pid, secret
+            )
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for message_id in message_ids:
+            if message_id in self.replies:
+                replies.append(self.replies.pop(message_id))
+            else:
+                replies.extend(self.inner.pull_messages([message_id]))
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages, timeout))

@@ -1,0 +1,123 @@
+"""Seeded client faults and the failure policy: failing clients are dropped, recorded in
+metrics.jsonl and the observer's records, the run finishes (or fails with a clear status
+below `federation.min_replies`), and central-DP epsilon counts only released rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from fedsim.core.config import FaultsConfig, Scenario, build_scenario
+from fedsim.core.results import FAILED, RunDirectory, read_record
+from fedsim.federation.faults import fault_strikes
+from fedsim.pipeline.runner import run_scenario
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CLIENTS, ROUNDS = 4, 3
+
+
+def scenario(tmp_path: Path, **sections: Any) -> Scenario:
+    base: dict[str, Any] = {
+        "name": "faults",
+        "seed": 2,  # rate 0.4: some clients fail in rounds 1 and 3, none in 2
+        "data": {"dataset": "digits", "num_clients": CLIENTS},
+        "training": {"batch_size": 8, "local_steps": 2},
+        "federation": {"rounds": ROUNDS},
+        "observer": {"rounds": "all", "clients": "all"},
+        "output": {"dir": str(tmp_path)},
+    }
+    return build_scenario({**base, **sections})
+
+
+def train(s: Scenario, tmp_path: Path, name: str) -> tuple[RunDirectory, list[dict[str, Any]]]:
+    run = run_scenario(s, tmp_path / name, Console(quiet=True))
+    return run, [r for r in run.metrics() if r["round"] > 0]
+
+
+def expected_failures(s: Scenario) -> dict[int, list[int]]:
+    """The partition ids `fault_strikes` fails per round, as the server's public seed draws."""
+    seed = s.public().seed
+    return {
+        r: [p for p in range(CLIENTS) if fault_strikes(s.faults, seed, r, p)] for r in range(1, ROUNDS + 1)
+    }
+
+
+def test_strikes_are_seeded_and_follow_the_rate() -> None:
+    faults = FaultsConfig(rate=0.3, from_round=2, clients=None)
+    draws = [fault_strikes(faults, 11, r, p) for r in range(2, 202) for p in range(50)]
+    assert draws == [fault_strikes(faults, 11, r, p) for r in range(2, 202) for p in range(50)]
+    assert draws != [fault_strikes(faults, 12, r, p) for r in range(2, 202) for p in range(50)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.02  # 10,000 draws: std 0.0046
+    assert not any(fault_strikes(faults, 11, 1, p) for p in range(50))  # before from_round
+    only = FaultsConfig(rate=1.0, clients=[2])
+    assert [p for p in range(5) if fault_strikes(only, 0, 1, p)] == [2]
+
+
+@pytest.mark.parametrize(("kind", "recorded"), [("raise", "error"), ("drop", "dropped"), ("nan", "non_finite")])
+def test_fault_is_dropped_recorded_and_run_finishes(kind: str, recorded: str, tmp_path: Path) -> None:
+    s = scenario(tmp_path, faults={"kind": kind, "rate": 0.4})
+    expected = expected_failures(s)
+    assert 0 < sum(map(len, expected.values())) < CLIENTS * ROUNDS  # the seed makes some fail
+    run, rounds = train(s, tmp_path, "run")
+    assert read_record(run.training_path)["status"] == "finished"
+    for record in rounds:
+        failed = expected[record["round"]]
+        assert record["failures"] == ({recorded: failed} if failed else {})
+        seen = list(range(CLIENTS)) if kind == "nan" else [p for p in range(CLIENTS) if p not in failed]
+        assert sorted(c["partition-id"] for c in record["clients"]) == seen  # nan: seen, not averaged
+        observed = sorted(run.observations_dir.glob(f"round_{record['round']:04d}/client_*.safetensors"))
+        assert [int(p.stem.split("_")[1]) for p in observed] == seen
+        marker = run.observations_dir / f"round_{record['round']:04d}" / "failures.json"
+        assert (json.loads(marker.read_text())["failures"] if failed else {}) == record["failures"]
+    assert all(r["test_accuracy"] is not None for r in rounds)  # NaN replies never reached the average
+    _, again = train(s, tmp_path, "again")
+    assert [(r["failures"], r["test_accuracy"]) for r in again] == [(r["failures"], r["test_accuracy"]) for r in rounds]
+
+
+def test_hung_client_is_dropped_after_the_round_timeout(tmp_path: Path) -> None:
+    s = scenario(
+        tmp_path,
+        federation={"rounds": 2, "round_timeout": 1.5},
+        faults={"kind": "hang", "rate": 1.0, "clients": [1], "from_round": 2},
+    )
+    run, rounds = train(s, tmp_path, "run")
+    assert [r["failures"] for r in rounds] == [{}, {"timeout": [1]}]
+    assert read_record(run.training_path)["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    ("federation", "faults"),
+    [
+        ({"rounds": ROUNDS, "min_replies": CLIENTS}, {"kind": "drop", "rate": 0.4}),
+        ({"rounds": ROUNDS, "accept_failures": False}, {"kind": "raise", "rate": 0.4}),
+    ],
+)
+def test_too_few_replies_fail_the_run_with_a_status(
+    federation: dict[str, Any], faults: dict[str, Any], tmp_path: Path
+) -> None:
+    s = scenario(tmp_path, federation=federation, faults=faults)
+    first = min(r for r, failed in expected_failures(s).items() if failed)
+    run, rounds = train(s, tmp_path, "run")
+    record = read_record(run.training_path)
+    assert record["status"] == FAILED and record["rounds"] == first - 1 == len(rounds)
+    assert f"round {first}:" in record["reason"] and run.failure == record["reason"]
+
+
+def test_central_dp_epsilon_counts_only_released_rounds(tmp_path: Path) -> None:
+    dp = [{"name": "central_dp_fixed", "noise_multiplier": 1.0, "clipping_norm": 0.5}]
+    faulty = scenario(tmp_path, defenses=dp, faults={"kind": "drop", "rate": 0.2})
+    released = [not failed for failed in expected_failures(faulty).values()]
+    assert 0 < sum(released) < ROUNDS
+    _, with_faults = train(faulty, tmp_path, "faulty")
+    _, clean = train(scenario(tmp_path, defenses=dp), tmp_path, "clean")
+    clean_eps = [0.0] + [r["central_epsilon"] for r in clean]
+    # after round r, the epsilon of as many releases as rounds that had every reply
+    assert [r["central_epsilon"] for r in with_faults] == [
+        clean_eps[sum(released[: i + 1])] for i in range(ROUNDS)
+    ]
+    assert clean_eps[1] > 0
