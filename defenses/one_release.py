@@ -9,6 +9,7 @@ that asks again gets no second message.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -69,6 +70,6 @@ class OneReleaseServer(FedAvg):
             return None, None
         return self.fold(replies), None
 
+    @abstractmethod
     def fold(self, replies: list[Message]) -> ArrayRecord:
         """Add the replies' releases to the running estimate; the global model it gives."""
-        raise NotImplementedError
