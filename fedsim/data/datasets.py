@@ -9,11 +9,13 @@ the result because every Flower client call in a process needs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -348,13 +350,63 @@ class HuggingFace:
 
     @staticmethod
     def load(params: Params, seed: int) -> TensorData:
+        """The table from the Hub, or from the local cache when the Hub does not answer."""
         import datasets
 
+        endpoint, offline = datasets.config.HF_ENDPOINT, datasets.config.HF_HUB_OFFLINE
+        unreachable = None if offline else hub_unreachable(endpoint)
         try:
-            table = datasets.load_dataset(params.path, split=params.split)
+            with hub_offline() if unreachable else contextlib.nullcontext():
+                table = datasets.load_dataset(params.path, split=params.split)
         except (FileNotFoundError, ConnectionError, ValueError) as err:
-            raise UserError(f"data.dataset.path: cannot load '{params.path}': {err}") from None
+            if offline or unreachable:
+                why = "HF_HUB_OFFLINE is set" if offline else f"the Hub at {endpoint} gives no answer ({unreachable})"
+                raise UserError(
+                    f"data.dataset.path: '{params.path}' is not in the Hugging Face cache "
+                    f"({datasets.config.HF_DATASETS_CACHE}) and {why}; download it once where the "
+                    "Hub is reachable (fedsim then reads the cache), or use local files "
+                    "(data.dataset.name: local, path: a parquet file or image folder)"
+                ) from None
+            reason = " ".join(str(err).split())
+            raise UserError(f"data.dataset.path: cannot load '{params.path}': {reason}") from None
+        if unreachable:
+            log.warning("Hugging Face Hub unreachable (%s): read '%s' from the cache", unreachable, params.path)
         return table_to_tensors(table, params, seed)
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long the one reachability check of the Hub waits. Without it a machine with no network
+spends about 25 s in the Hub client's retries (five, with back-off) of a request it cannot
+send, before `datasets` falls back to its cache."""
+
+
+@cache
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the Hugging Face Hub at `endpoint` did not answer one HEAD request (no retries),
+    or None when it answered (any status: the Hub is there). Asked once per process."""
+    import httpx
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except httpx.TransportError as err:
+        return f"{type(err).__name__}: {' '.join(str(err).split())}"
+    return None
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face offline mode for this block (as HF_HUB_OFFLINE=1 does for a process):
+    `datasets` reads a Hub dataset from its cache and sends no request."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 @DATASETS.register("local")

@@ -70,6 +70,7 @@ def run_scenario(scenario: Scenario, run_dir: str | Path | None = None, console:
     console = console or Console()
     set_threads(scenario.simulation.torch_threads)
     check_engine(scenario)  # before a run directory exists
+    federated_data(scenario.data, scenario.public().seed)  # data that cannot load leaves no directory
     with locked_run_directory(scenario, run_dir) as run:
         console.print(f"[bold]fedsim[/] {scenario.name} -> {run.root}")
         if run.training_done:
