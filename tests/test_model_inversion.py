@@ -24,6 +24,7 @@ import fedsim.attacks.generator as generator_module
 import fedsim.evaluation.mi_evaluation as evaluation_module
 from fedsim.attacks.generator import GeneratorParams, train_or_load_generator
 from fedsim.evaluation.mi_evaluation import EvaluationClassifier
+from fedsim.evaluation.metrics import describe_meaning
 from fedsim.defenses.dp_sgd import DpSgd
 from fedsim.defenses.mid import InformationBottleneck, Mid, bottlenecks
 from fedsim.core.attack import Attack, ModelTarget
@@ -262,6 +263,12 @@ def test_without_defense_both_attacks_recover_private_classes(baseline: RunDirec
         assert scores["target_test_accuracy"] == summary["training"]["final_test_accuracy"]
         assert scores["top1_accuracy"] >= RECOVERED[attack], (attack, scores)
         assert 0 <= scores["public_baseline_top1"] <= 1 and scores["public_baseline_knn"] > 0
+        # the mean public image is one guess for all 5 classes: the evaluator gives it 1 of them
+        assert scores["mean_image_baseline_top1"] == pytest.approx(CHANCE)
+        assert scores["mean_image_baseline_knn"] > 0
+        meaning = describe_meaning(scores)
+        knn = scores["mean_image_baseline_knn"]
+        assert f"zero-knowledge baseline (mean public image) top-1 0.20, KNN {knn:.2f}" in meaning
 
 
 def test_the_attacker_never_gets_the_evaluator(

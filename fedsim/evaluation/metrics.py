@@ -115,6 +115,9 @@ RECOVERED = f"SSIM >= {RECOVERED_SSIM}"
 LEAK_MARGIN = 0.2
 """A rate (label accuracy, recognition, model-inversion top-1) this far above what a
 zero-knowledge attacker gets is flagged as a leak."""
+MODEL_INVERSION_BASELINES = ("public_baseline_top1", "mean_image_baseline_top1")
+"""Model-inversion top-1 rates an attack must beat besides chance: the public images the
+target is surest of (zero effort), and the mean public image (zero knowledge)."""
 MEMBERSHIP_LEAK_AUC = 0.6
 """A membership AUC at least this (chance: 0.5) is flagged as a leak."""
 
@@ -301,12 +304,18 @@ def leaks(scores: dict[str, Any]) -> list[str]:
         found.append(f"class: judge recognises {scores['recognised']:.2f} vs chance {chance:.2f}")
     top1, chance_top1 = scores.get("top1_accuracy"), scores.get("chance_top1")
     if top1 is not None and chance_top1 is not None:
-        floor = max(chance_top1, scores.get("public_baseline_top1") or 0.0)
+        floor = max(chance_top1, *(scores.get(key) or 0.0 for key in MODEL_INVERSION_BASELINES))
         if top1 >= floor + LEAK_MARGIN:
             found.append(f"class features: top-1 {top1:.2f} vs zero-knowledge {floor:.2f}")
     if scores.get("auc", 0) >= MEMBERSHIP_LEAK_AUC:
         found.append(f"membership: AUC {scores['auc']:.3f} vs chance 0.5")
     return found
+
+
+def leak_kinds(verdicts: list[str]) -> list[str]:
+    """The kind of each `leaks` verdict, its text before the colon ("images", "labels",
+    "class", "class features", "membership"): stable over seeds, unlike the numbers."""
+    return [verdict.split(":")[0] for verdict in verdicts]
 
 
 def describe_scores(scores: dict) -> str:
@@ -327,24 +336,32 @@ def describe_meaning(scores: dict[str, Any]) -> str:
     return "; ".join(meaning_parts(scores))
 
 
+MEANINGS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("recovered",), "{recovered}/{paired} recovered ({recovered_threshold})"),
+    (("baseline_ssim",), "mean-image baseline PSNR {baseline_psnr:.1f} dB, SSIM {baseline_ssim:.3f}"),
+    (("baseline_psnr", "feature_error"), "mean-input baseline PSNR {baseline_psnr:.1f} dB"),
+    (("label_chance",), "label chance {label_chance:.2f}"),
+    (("recognised",), "recognised {recognised:.2f}, originals {recognised_truth:.2f} (judge: {judge})"),
+    (("chance_top1",), "top-1 chance {chance_top1:.2f}"),
+    (("public_baseline_top1",),
+     "zero-effort baseline (the public images the target is surest of) top-1 {public_baseline_top1:.2f}, "
+     "KNN {public_baseline_knn:.2f}"),
+    (("mean_image_baseline_top1", "mean_image_baseline"),
+     "zero-knowledge baseline ({mean_image_baseline}) top-1 {mean_image_baseline_top1:.2f}, "
+     "KNN {mean_image_baseline_knn:.2f}"),
+    (("auc",), "chance AUC 0.5, TPR@FPR = FPR"),
+)  # fmt: skip
+"""What a summary's scores mean, one part each: (the keys that must be present, the text)."""
+
+
 def meaning_parts(scores: dict[str, Any]) -> list[str]:
     """What an attack's scores mean: success count against the stated threshold, the
     zero-knowledge baseline, the judge, and what leaked (or that nothing did)."""
-    parts = []
-    if "recovered" in scores:
-        parts.append(f"{scores['recovered']}/{scores['paired']} recovered ({scores['recovered_threshold']})")
-    if "baseline_ssim" in scores:
-        parts.append(f"mean-image baseline PSNR {scores['baseline_psnr']:.1f} dB, SSIM {scores['baseline_ssim']:.3f}")
-    elif "baseline_psnr" in scores:
-        parts.append(f"mean-input baseline PSNR {scores['baseline_psnr']:.1f} dB")
-    if "label_chance" in scores:
-        parts.append(f"label chance {scores['label_chance']:.2f}")
-    if "recognised" in scores:
-        parts.append(f"recognised {scores['recognised']:.2f}, originals {scores['recognised_truth']:.2f} (judge: {scores['judge']})")
-    if "chance_top1" in scores:
-        parts.append(f"top-1 chance {scores['chance_top1']:.2f}")
-    if "auc" in scores:
-        parts.append("chance AUC 0.5, TPR@FPR = FPR")
+    parts = [
+        template.format_map(scores)
+        for keys, template in MEANINGS
+        if all(scores.get(key) is not None for key in keys)
+    ]
     leaked = scores.get("leaked", leaks(scores))
     parts.append("LEAKED: " + "; ".join(leaked) if leaked else "no leak beyond a zero-knowledge attacker")
     return parts

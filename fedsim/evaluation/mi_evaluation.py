@@ -8,6 +8,7 @@ this classifier recognises it as c:
     top-1 = mean_i [argmax_j E(x_i)_j = c],   top-5 = mean_i [c among the 5 largest of E(x_i)]
 
 (top-5 is reported only when there are more than 5 private classes; otherwise it is always 1).
+The zero-knowledge baseline (`zero_knowledge_image`) is the mean public image, scored alike.
 KNN distance = mean_i min_{x in private class c} || phi(x_i) - phi(x) ||_2, with phi the
 features that enter the evaluator's last linear layer: how close a reconstruction is to a real
 private example of its class. The evaluator classifies among the private classes only (the
@@ -99,6 +100,16 @@ class EvaluationClassifier:
             correct=(rank == 0).tolist(),
             nearest=members[nearest],
         )
+
+
+def zero_knowledge_image(public_x: torch.Tensor, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
+    """What an attacker who ignores the target model outputs for every private class, and its
+    name: the mean of the public images it holds, or mid-grey when it holds none. Not the
+    private class's mean image: that needs the private examples the attack is after. One image
+    (1, *shape): the evaluator scores any number of copies of it the same."""
+    if len(public_x):
+        return public_x.float().mean(0, keepdim=True), "mean public image"
+    return torch.full((1, *input_shape), 0.5), "mid-grey image, no public data"
 
 
 def private_labels(data: TensorData, classes: list[int]) -> TensorData:

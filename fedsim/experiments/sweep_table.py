@@ -10,7 +10,10 @@ relation, delta, accountant and defense; see `fedsim.core.privacy`), leakage per
 (`<attack>_psnr`, `<attack>_ssim`, `<attack>_label_accuracy`,
 means over the attacked observations; membership attacks: `<attack>_auc`,
 `<attack>_tpr_at_fpr_0.001`, `<attack>_tpr_at_fpr_0.01`, `<attack>_balanced_accuracy`, and for
-audits `<attack>_epsilon_lower_bound`), `wall_time_s` (training plus attacks) and `run_dir`.
+audits `<attack>_epsilon_lower_bound`), what those numbers mean as the run's summary states it
+(`MEANING`: counts recovered against the SSIM threshold, zero-knowledge baselines, chance; and
+`<attack>_leaked`, the kinds of leak flagged, e.g. "images; labels", or "none"), `wall_time_s`
+(training plus attacks) and `run_dir`.
 
 Every number is read back from the run directory, never from memory, so a resumed sweep
 and a fresh one give the same table.
@@ -42,6 +45,26 @@ MODEL_LEAKAGE = ("top1_accuracy", "top5_accuracy", "knn_distance")
 """Evaluation-classifier scores of model-inversion attacks (the report plots these too)."""
 MEMBERSHIP = (*MEMBERSHIP_SCORES, "epsilon_lower_bound")
 """Membership-inference scores and the audits' empirical epsilon lower bound."""
+MEANING = {
+    "recovered": "recovered",
+    "paired": "paired",
+    "baseline_recovered": "recovered_baseline",
+    "baseline_psnr": "psnr_baseline",
+    "baseline_ssim": "ssim_baseline",
+    "label_chance": "label_chance",
+    "recognised": "recognised",
+    "recognised_truth": "recognised_truth",
+    "chance_top1": "chance_top1",
+    "public_baseline_top1": "public_baseline_top1",
+    "mean_image_baseline_top1": "mean_image_baseline_top1",
+    "mean_image_baseline_knn": "mean_image_baseline_knn",
+}
+"""Summary key -> column suffix of the numbers that say what the leakage scores mean
+(`fedsim.evaluation.metrics.meaning_parts`): recovered of paired (`RECOVERED`), the
+zero-knowledge baselines, chance. A baseline of a score is named after it (`psnr_baseline`),
+so no column but `<attack>_psnr` ends in `_psnr` (the report finds attacks by these ends)."""
+LEAKED = "leaked"
+"""Text column `<attack>_leaked`: the kinds of leak the run's summary flags, or "none"."""
 UTILITY = ("final_test_accuracy", "best_test_accuracy")
 PRIVACY = tuple(f"epsilon_{kind}" for kind in KINDS)
 UNITS = tuple(f"{column}_unit" for column in PRIVACY)
@@ -56,6 +79,8 @@ def run_status(run_dir: Path) -> str:
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:
     """Utility, privacy, leakage and wall time of one finished run directory."""
+    from fedsim.evaluation.metrics import leak_kinds, leaks  # torch and torchmetrics: not for --dry-run
+
     run = RunDirectory(run_dir)
     summary = read_record(run.summary_path, "training", "privacy", "attacks")
     training = summary["training"] or {}
@@ -65,6 +90,8 @@ def run_metrics(run_dir: Path) -> dict[str, Any]:
         row[f"epsilon_{kind}_unit"] = unit
     for attack, scores in summary["attacks"].items():
         row.update({f"{attack}_{m}": scores[m] for m in (*LEAKAGE, *MODEL_LEAKAGE, *MEMBERSHIP) if m in scores})
+        row.update({f"{attack}_{column}": scores[key] for key, column in MEANING.items() if key in scores})
+        row[f"{attack}_{LEAKED}"] = "; ".join(leak_kinds(scores.get("leaked", leaks(scores)))) or "none"
     attack_seconds = sum(read_record(p).get("seconds", 0.0) for p in run.attacks_dir.glob("*/*.json"))
     row["wall_time_s"] = training.get("wall_time_s", 0.0) + attack_seconds
     return row
@@ -113,7 +140,7 @@ def load_results(path: Path | str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     for axis in axes:
         table[axis] = axis_column(table[axis].tolist())
-    text = {"cell", "status", "run_dir", *axes, *UNITS}
+    text = {"cell", "status", "run_dir", *axes, *UNITS, *leaked_columns(table)}
     metric_columns = [c for c in table.columns if c not in text]
     table[metric_columns] = table[metric_columns].apply(pd.to_numeric, errors="coerce")
     front = ["cell", "index", "seed", *axes, "status"]
@@ -137,13 +164,26 @@ def write_results(sweep_dir: Path) -> pd.DataFrame:
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
-    """Utility, privacy and leakage columns present (with a value) in `table`."""
+    """Utility, privacy, leakage and meaning columns present (with a value) in `table`."""
     known = [*UTILITY, *PRIVACY]
     leakage = sorted(
         c for c in table.columns
-        if any(c.endswith(f"_{m}") for m in (*LEAKAGE, *MODEL_LEAKAGE, *MEMBERSHIP))
+        if any(c.endswith(f"_{m}") for m in (*LEAKAGE, *MODEL_LEAKAGE, *MEMBERSHIP, *MEANING.values()))
     )
     return [c for c in [*known, *leakage, "wall_time_s"] if c in table and table[c].notna().any()]
+
+
+def leaked_columns(table: pd.DataFrame) -> list[str]:
+    """The `<attack>_leaked` text columns of `table`."""
+    return [c for c in table.columns if c.endswith(f"_{LEAKED}")]
+
+
+def seeds_flagged(verdicts: pd.Series) -> str:
+    """A setting's `<attack>_leaked` over its seeds: how many seeds flagged each kind of leak
+    ("images 2/3; labels 3/3"), or "none" when no seed flagged any."""
+    per_seed = [set(v.split("; ")) - {"none"} for v in verdicts.dropna()]
+    kinds = sorted(set().union(*per_seed))
+    return "; ".join(f"{k} {sum(k in s for s in per_seed)}/{len(per_seed)}" for k in kinds) or "none"
 
 
 def mean_std(mean: float, std: float, digits: int = 4) -> str:
@@ -160,7 +200,8 @@ def seed_summary(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
 
     One row per `index`; for each metric M a column M (mean) and M_std (sample standard
     deviation over seeds, 0 with a single seed); `seeds` counts the finished seeds; each
-    `epsilon_<kind>_unit` present joins its seeds' distinct unit labels.
+    `epsilon_<kind>_unit` present joins its seeds' distinct unit labels; each `<attack>_leaked`
+    counts the seeds that flagged each kind of leak (`seeds_flagged`).
     """
     import pandas as pd
 
@@ -174,4 +215,5 @@ def seed_summary(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     units = grouped[[c for c in UNITS if c in done]].agg(
         lambda labels: "; ".join(sorted(set(labels.dropna())))
     )
-    return pd.concat([summary, means, spreads, units], axis=1).reset_index()
+    leaked = grouped[leaked_columns(done)].agg(seeds_flagged)
+    return pd.concat([summary, means, spreads, units, leaked], axis=1).reset_index()

@@ -7,9 +7,11 @@ copy of it. One MLflow run per fedsim run directory, logged once it is finished:
 - metrics: test accuracy and loss per round (step = round), final and best accuracy, one
   epsilon per kind of guarantee (`epsilon_example`, `epsilon_client`, `epsilon_local`, as in
   the results table), wall time, and per attack `<attack>.<score>` (PSNR, SSIM, label
-  accuracy, model-inversion scores), as in the sweep's results table;
+  accuracy, model-inversion scores, what they mean: recovered counts, baselines), as in the
+  sweep's results table;
 - tags: `fedsim.run_dir`, `fedsim.scenario`, `fedsim.epsilon_<kind>_unit` (each epsilon's
-  level, relation, delta, accountant and defense), and for sweep cells `fedsim.experiments.sweep`,
+  level, relation, delta, accountant and defense), `fedsim.<attack>_leaked` (the kinds of leak
+  flagged), and for sweep cells `fedsim.experiments.sweep`,
   `fedsim.cell`, `fedsim.seed`;
 - artifacts: scenario.yaml, summary.json and the reconstruction images.
 
@@ -32,7 +34,7 @@ import yaml
 
 from fedsim.core.errors import UserError
 from fedsim.core.results import RunDirectory, read_json
-from fedsim.experiments.sweep_table import LEAKAGE, MODEL_LEAKAGE, UNITS, run_metrics
+from fedsim.experiments.sweep_table import LEAKAGE, MEANING, MODEL_LEAKAGE, run_metrics
 
 RUN_KEY_TAG = "fedsim.run_key"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
@@ -108,7 +110,7 @@ class MlflowTracker:
             RUN_KEY_TAG: key,
             "fedsim.run_dir": str(run_dir.resolve()),
             "fedsim.scenario": str(scenario.get("name", "")),
-            **{f"fedsim.{k}": v for k, v in run_metrics(run_dir).items() if k in UNITS},
+            **{f"fedsim.{k}": v for k, v in run_metrics(run_dir).items() if isinstance(v, str)},  # units, leaks
             **(tags or {}),
         }
         mlflow_run = self.client.create_run(
@@ -147,9 +149,9 @@ def summary_metrics(run_dir: Path) -> dict[str, float]:
     (MLflow's UI groups metrics by their dotted prefix). The unit texts go into tags."""
     renamed = {}
     for name, value in run_metrics(run_dir).items():
-        if value is None or name in UNITS:
+        if value is None or isinstance(value, str):  # units and leak verdicts go into tags
             continue
-        for score in (*LEAKAGE, *MODEL_LEAKAGE):
+        for score in (*LEAKAGE, *MODEL_LEAKAGE, *MEANING.values()):
             if name.endswith(f"_{score}"):
                 name = f"{name.removesuffix(f'_{score}')}.{score}"
                 break

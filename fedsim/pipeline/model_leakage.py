@@ -4,7 +4,8 @@ Threat model 3 (DESIGN.md): the attacker holds the federation's final model (whi
 public images of classes the federation never trained on (`data.public_classes`). For each
 private class the attack reconstructs images (`Attack.reconstruct` on a `ModelTarget` naming
 that class); an evaluation classifier the attacker never sees (`fedsim.evaluation.mi_evaluation`) then
-scores them, next to a zero-effort baseline (`public_baseline`). Output, per class:
+scores them, next to a zero-effort baseline (`public_baseline`) and a zero-knowledge one (the
+mean public image, `zero_knowledge_image`). Output, per class:
 `attacks/<name>/class_CC.json` (scores) and `class_CC.png` (the nearest private example above
 each reconstruction). A class already scored with the same
 attack parameters is not recomputed, so a killed attack resumes.
@@ -22,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedsim.evaluation.metrics import save_image_grid
-from fedsim.evaluation.mi_evaluation import EvaluationParams, load_or_train_evaluator
+from fedsim.evaluation.mi_evaluation import EvaluationParams, load_or_train_evaluator, zero_knowledge_image
 from fedsim.core.attack import Attack, ModelTarget
 from fedsim.core.config import PluginSpec, Scenario
 from fedsim.data.datasets import FederatedData, federated_data
@@ -41,6 +42,8 @@ SCORES = (
     "target_confidence",
     "public_baseline_top1",
     "public_baseline_knn",
+    "mean_image_baseline_top1",
+    "mean_image_baseline_knn",
     "chance_top1",
 )
 
@@ -118,6 +121,7 @@ def attack_model(
     )
     attack.prepare(target, workspace, console)
     training = read_record(run.training_path) if run.training_done else {}
+    guess, guess_name = zero_knowledge_image(target.public_x, target.input_shape)
     for cls in todo:
         torch.manual_seed(derive_seed(attack.seed, "class", cls))  # a stochastic target's noise
         started = time.perf_counter()
@@ -130,6 +134,7 @@ def attack_model(
             if len(target.public_x)
             else None
         )
+        zero_knowledge = evaluator.score(guess, cls)
         stem = f"class_{cls:02d}"
         save_image_grid(
             score.nearest,
@@ -149,6 +154,9 @@ def attack_model(
             "correct": score.correct,
             "public_baseline_top1": baseline.top1_accuracy if baseline else None,
             "public_baseline_knn": baseline.knn_distance if baseline else None,
+            "mean_image_baseline_top1": zero_knowledge.top1_accuracy,
+            "mean_image_baseline_knn": zero_knowledge.knn_distance,
+            "mean_image_baseline": guess_name,
             "chance_top1": 1 / len(evaluator.classes),  # a uniform guess among the private classes
             "attack_loss": recon.attack_loss,
             **recon.details,
@@ -170,6 +178,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in records if r.get(key) is not None]
         summary[key] = sum(values) / len(values) if values else None
     summary["evaluator_test_accuracy"] = records[0]["evaluator_test_accuracy"]
+    summary["mean_image_baseline"] = records[0].get("mean_image_baseline")
     summary["target_test_accuracy"] = records[0]["target_test_accuracy"]
     return summary
 

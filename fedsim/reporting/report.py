@@ -30,6 +30,7 @@ from fedsim.core.results import RunDirectory, atomic_write_bytes, read_record
 from fedsim.experiments.sweep_spec import short_names
 from fedsim.experiments.sweep_table import (
     MANIFEST,
+    leaked_columns,
     load_results,
     mean_std,
     metric_columns,
@@ -152,6 +153,8 @@ def spread_table(summary: pd.DataFrame, axes: list[str], metrics: list[str]) -> 
     spread.insert(0, "#", figures.point_numbers(summary))
     for metric in metrics:
         spread[metric] = [mean_std(m, s) for m, s in zip(summary[metric], summary[f"{metric}_std"])]
+    for column in leaked_columns(summary):  # seeds that flagged each kind of leak
+        spread[column] = summary[column]
     return frame_table(spread)
 
 
