@@ -146,6 +146,11 @@ POINTS = "scenarios/defense_points.yaml"
 TOPK = "defenses=[{name: topk, keep_fraction: 0.1}]"
 CENTRAL = "defenses=[{name: central_dp_fixed, noise_multiplier: 1.0}]"
 SECAGG = "scenarios/secagg_dlg.yaml"
+GIFD = "scenarios/gifd_vs_ig.yaml"
+MID = "scenarios/mid_vs_dp.yaml"
+MID_DP = "defenses=[{name: dp_sgd, noise_multiplier: 1.0}]"
+QUANTUM = "scenarios/quantum_privacy.yaml"
+HYBRID = "scenarios/quantum_hybrid_dp.yaml"
 README = "README.md"
 
 CHECKS: list[Check] = [
@@ -184,6 +189,22 @@ CHECKS: list[Check] = [
           accuracy("scenarios/ldp_sparse_regression_trig.yaml"), 0.005, fast=True),
     Check("docs/baselines.md", r"ends at\s+test accuracy ([0-9.]+) \(10 classes",
           "fedsim run scenarios/dp_kde_digits.yaml", accuracy("scenarios/dp_kde_digits.yaml"), 0.005, fast=True),
+    *(Check("docs/gifd.md", rf"`{attack}` ([0-9.]+) dB,? ", f"fedsim run {GIFD}", leakage(GIFD, attack, "psnr"), 0.5)
+      for attack in ("ig", "gan_latent", "gifd")),
+    Check("docs/model_inversion.md", r"ends at target test accuracy ([0-9.]+)", f"{MID} --set attacks=[]",
+          accuracy(MID, "attacks=[]"), 0.005, fast=True),
+    Check("docs/model_inversion.md", r"at test accuracy ([0-9.]+) with client epsilon", MID_DP,
+          accuracy(MID, "attacks=[]", MID_DP), 0.01),
+    Check("docs/model_inversion.md", r"with client epsilon ([0-9.]+) \(table", MID_DP,
+          epsilon(MID, "max_client_epsilon", "attacks=[]", MID_DP), 0.01),
+    Check("docs/quantum_privacy.md", r"After 30 rounds the test\s+R\^2 is \*\*([0-9.]+)\*\*", f"fedsim run {QUANTUM}",
+          accuracy(QUANTUM, "attacks=[]"), 0.005, fast=True),  # attacks run after training
+    Check("docs/quantum_privacy.md", r"\| no DP \| ([0-9.]+) \| - \|", f"fedsim run {HYBRID} --set defenses=[]",
+          accuracy(HYBRID, "defenses=[]"), 0.01),
+    Check("docs/quantum_privacy.md", r"\| DP-SGD \| \*\*([0-9.]+)\*\* \|", f"fedsim run {HYBRID}",
+          accuracy(HYBRID), 0.01),
+    Check("docs/quantum_privacy.md", r"\| DP-SGD \| \*\*[0-9.]+\*\* \| \*\*([0-9.]+)\*\* \|", f"fedsim run {HYBRID}",
+          epsilon(HYBRID, "max_client_epsilon"), 0.01),
 ]
 
 

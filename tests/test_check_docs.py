@@ -44,3 +44,15 @@ def test_all_ok_exits_0(tmp_path: Path) -> None:
     (tmp_path / "doc.md").write_text(DOC)
     check = Check("doc.md", r"accuracy (\d+\.\d+)", "fedsim run a.yaml", lambda: 0.95, 0.005)
     assert check_docs.main([], [check], tmp_path) == 0
+
+
+def test_every_registered_number_is_in_its_doc_next_to_its_command() -> None:
+    """Each real check's pattern matches its doc exactly once, with its command nearby (no
+    measurement: that is what `python benchmarks/check_docs.py` does)."""
+    located = {(check.doc, check.pattern): check_docs.locate(check, ROOT) for check in check_docs.CHECKS}
+    assert {key: status for key, (_, status) in located.items() if status != "ok"} == {}
+    assert len(check_docs.CHECKS) >= 25
+    assert {check.doc for check in check_docs.CHECKS} >= {
+        "README.md", "docs/defenses.md", "docs/baselines.md", "docs/gifd.md",
+        "docs/model_inversion.md", "docs/quantum_privacy.md",
+    }  # fmt: skip
