@@ -197,6 +197,8 @@ CHECKS: list[Check] = [
           accuracy(MID, "attacks=[]", MID_DP), 0.01),
     Check("docs/model_inversion.md", r"with client epsilon ([0-9.]+) \(table", MID_DP,
           epsilon(MID, "max_client_epsilon", "attacks=[]", MID_DP), 0.01),
+    Check("docs/privacy_auditing.md", r"final test accuracy ([0-9.]+); 1 min", "fedsim run scenarios/mia_digits.yaml",
+          accuracy("scenarios/mia_digits.yaml", "attacks=[]"), 0.005, fast=True),  # attacks run after training
     Check("docs/quantum_privacy.md", r"After 30 rounds the test\s+R\^2 is \*\*([0-9.]+)\*\*", f"fedsim run {QUANTUM}",
           accuracy(QUANTUM, "attacks=[]"), 0.005, fast=True),  # attacks run after training
     Check("docs/quantum_privacy.md", r"\| no DP \| ([0-9.]+) \| - \|", f"fedsim run {HYBRID} --set defenses=[]",
