@@ -15,13 +15,16 @@ the same TV as ours) on 32x32 CIFAR images, 1e-4 in the reference CLI, 1e-6 in i
 example; 4,800 iterations (breaching 24,000); 1 restart (8 in the FedAvg example). On 8x8
 digits a TV weight of 0.1 smooths the strokes away: `ig` on batches of 4 scores 18.6 dB at
 0.1, 35.3 at 0.01, 50.2 at 1e-3 and 55.1 at 1e-4 (`python benchmarks/ig_table.py --sections
-tv`), so our default is the reference CLI's 1e-4. Our default budget (1,000 steps) is smaller
+tv`), while at 32x32 and 64x64 the best weight is 1e-3 to 0.1 (`--sections sizes`). So the
+default, `tv: auto`, is the reference CLI's 1e-4 at 8x8 and grows with the image's side as
+1e-4 (side / 8)^3 (6.4e-3 at 32x32, 0.05 at 64x64; docs/gradient_inversion.md has the
+table). A number sets the weight at every size. Our default budget (1,000 steps) is smaller
 so that a scenario runs in minutes on a laptop CPU; `iterations` restores the paper's.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -45,13 +48,34 @@ from fedsim.core.registry import ATTACKS
 DECAY_POINTS = (3 / 8, 5 / 8, 7 / 8)
 """Fractions of the iterations after which the step size is divided by 10 (Geiping et al.)."""
 
+AUTO_TV_AT_8 = 1e-4
+"""`tv: auto`'s weight on 8x8 images (the reference CLI's 1e-4, best on native digits)."""
+AUTO_TV_EXPONENT = 3
+"""`tv: auto` grows as (side / 8)^3, which lands between the best measured weights at 32x32
+(1e-3 to 0.1) and 64x64 (1e-2 to 0.1) of `benchmarks/ig_table.py --sections sizes`
+(docs/gradient_inversion.md, "TV weight by image size")."""
+
+
+def tv_weight(tv: float | Literal["auto"], image_shape: tuple[int, ...]) -> float:
+    """The TV weight for images of `image_shape` (..., H, W): `tv` itself when a number; for
+    `auto`, 1e-4 (sqrt(H W) / 8)^3, since larger images of the same content are smoother and
+    their cosine term's gradient per pixel is smaller."""
+    if tv != "auto":
+        return tv
+    side = (image_shape[-2] * image_shape[-1]) ** 0.5
+    return AUTO_TV_AT_8 * (side / 8) ** AUTO_TV_EXPONENT
+
 
 class AdamParams(InversionParams):
     """Settings of Inverting Gradients' optimisation, shared with `fedavg_inversion`."""
 
     iterations: int = Field(1000, ge=1, description="Adam steps (paper: 4,800 to 24,000)")
     lr: float = Field(0.1, gt=0, description="Adam step size (paper: 0.1)")
-    tv: float = Field(1e-4, ge=0, description="weight of the total-variation prior (paper: 0.1-0.2 on 32x32 images)")
+    tv: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="weight of the total-variation prior; auto: 1e-4 at 8x8, x (side / 8)^3 "
+        "(6.4e-3 at 32x32); paper: 0.1-0.2 on 32x32 images",
+    )
     distance: Literal["cosine", "l2"] = Field("cosine", description="gradient distance: cosine (IG) or l2 (DLG)")
     signed: bool = Field(True, description="step on the sign of the gradient (as in the paper)")
     boxed: bool = Field(True, description="project the images into [0, 1] after every step")
@@ -71,13 +95,14 @@ def minimise_adam(
     gradient for that step, so it cannot poison the others. `on_iteration(done, iterations)`
     is called after every step.
     """
+    tv = tv_weight(settings.tv, tuple(images.shape))
     images = images.clone().requires_grad_()
     optimizer = torch.optim.Adam([images], lr=settings.lr)
     milestones = [int(settings.iterations * point) for point in DECAY_POINTS] if settings.lr_decay else []
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     for done in range(1, settings.iterations + 1):
         optimizer.zero_grad()
-        objective = problem.matching(images) + settings.tv * total_variation(images)
+        objective = problem.matching(images) + tv * total_variation(images)
         finite = torch.isfinite(objective)
         objective.where(finite, 0.0).sum().backward()
         with torch.no_grad():
@@ -121,5 +146,6 @@ class InvertingGradients(GradientInversion):
         return reconstructions(
             images[pick], hard, losses[pick], losses, labels,
             {"iterations": self.params.iterations, "restarts": restarts,
-             "objective_evaluations": self.params.iterations + 1},
+             "objective_evaluations": self.params.iterations + 1,
+             "tv": tv_weight(self.params.tv, tuple(start.shape))},
         )  # fmt: skip

@@ -8,8 +8,16 @@ vectorised problem. Also: label-inference accuracy of the mean-softmax counts ag
 simple rule (Wainakh et al. 2022), PSNR of `ig` by TV weight, and a grid of truth over
 reconstruction.
 
+Section `sizes`: PSNR / SSIM of `ig` by TV weight across image sizes and channels, one
+client's one-step gradient per cell: real digits upsampled (bilinear) from 8x8 to 32x32 and
+64x64 (1 channel), and synthetic RGB scenes (a colour gradient and two soft-edged discs,
+drawn at each size, so the content does not change with the resolution), on Zhu et al.'s
+sigmoid LeNet and a ConvNet (width 16).
+
     python benchmarks/ig_table.py [--iterations 500] [--restarts 2] [--clients 3] [--grid PATH]
-                                  [--sections psnr labels tv]
+                                  [--sections psnr labels tv sizes]
+    python benchmarks/ig_table.py --sections sizes [--sizes 8 32 64] [--size-batch 1]
+                                  [--size-iterations 200] [--size-tv 1e-4 1e-3 1e-2 1e-1 auto]
 
 Prints markdown tables (docs/gradient_inversion.md holds the figures of one run).
 """
@@ -21,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor
 
@@ -41,6 +50,7 @@ STEPS = (1, 5, 10)
 LABEL_BATCHES = (2, 4, 8, 16)
 LABEL_TRIALS = 40
 TV_WEIGHTS = (1e-4, 1e-3, 1e-2, 1e-1)
+SIZE_MODELS = (("lenet", {}), ("convnet", {"width": 16}))
 
 
 def digits() -> TensorData:
@@ -127,27 +137,92 @@ def tv_table(data: TensorData, iterations: int, restarts: int, count: int) -> No
         print(f"| {tv:g} | {cell(attack, observed)[0].replace(' | ', ' / ')} |", flush=True)
 
 
+def upsampled_digits(data: TensorData, size: int, batch: int) -> TensorData:
+    """The first `batch` digits, bilinearly resized from 8x8 to size x size."""
+    images = data.x[:batch]
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return TensorData(images, data.y[:batch], 10)
+
+
+def synthetic_rgb(size: int, batch: int, seed: int = 0) -> TensorData:
+    """`batch` RGB scenes: a linear colour gradient and two discs with an edge one pixel wide,
+    drawn from the same random shapes at every size; labels 0, 1, ... (arbitrary)."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = (torch.arange(size) + 0.5) / size
+    rows, cols = grid[:, None], grid[None, :]
+    images = []
+    for _ in range(batch):
+        low, high, angle = torch.rand(3, generator=generator), torch.rand(3, generator=generator), torch.rand(1, generator=generator)
+        ramp = (cols * torch.cos(angle) + rows * torch.sin(angle)).clamp(0, 1)
+        image = low[:, None, None] + (high - low)[:, None, None] * ramp
+        for _ in range(2):
+            centre, radius = torch.rand(2, generator=generator), 0.15 + 0.2 * torch.rand(1, generator=generator)
+            colour = torch.rand(3, generator=generator)
+            distance = ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2).sqrt()
+            inside = torch.sigmoid((radius - distance) * size * 2)
+            image = image * (1 - inside) + colour[:, None, None] * inside
+        images.append(image)
+    return TensorData(torch.stack(images), torch.arange(batch) % 10, 10)
+
+
+def tv_setting(text: str) -> float | str:
+    """A `--size-tv` value: `auto` or a number."""
+    return text if text == "auto" else float(text)
+
+
+def sizes_table(data: TensorData, sizes: list[int], batch: int, iterations: int, tv_weights: list[float | str]) -> None:
+    """`ig` by TV weight for every (size, content, model): one client, one step, lr 0.1."""
+    print(f"\n`ig`, batch {batch}, one local step, {iterations} iterations, 1 restart; "
+          "PSNR dB / SSIM / seconds per TV weight\n")
+    print("| size | content | model | " + " | ".join(f"TV {tv:g}" if isinstance(tv, float) else f"TV {tv}" for tv in tv_weights) + " |")
+    print("|---|---|---|" + "---|" * len(tv_weights))
+    for size in sizes:
+        for content, used in (("digits", upsampled_digits(data, size, batch)), ("rgb", synthetic_rgb(size, batch))):
+            for model_name, kwargs in SIZE_MODELS:
+                torch.manual_seed(0)
+                cls = MODELS.get(model_name)
+                model = cls(cls.Params(**kwargs), tuple(used.x.shape[1:]), 10)
+                hp = LocalHyperParams(lr=0.1, batch_size=batch, local_epochs=1, local_steps=1, optimizer="sgd", momentum=0.0, weight_decay=0.0)
+                target, truth = from_local_training(model, used, hp)
+                cells = []
+                for tv in tv_weights:
+                    attack = InvertingGradients(InvertingGradients.Params(iterations=iterations, restarts=1, tv=tv), seed=0)
+                    started = time.perf_counter()
+                    recon = attack.reconstruct(target)
+                    scores = score_images(recon.images, truth.x, recon.labels, truth.y)
+                    cells.append(f"{scores['psnr']:.1f} / {scores['ssim']:.2f} / {time.perf_counter() - started:.0f}")
+                print(f"| {size}x{size} | {content} | {model_name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--grid", type=Path, default=Path("docs/gradient_inversion_fedavg_b4.png"))
-    parser.add_argument("--sections", nargs="+", choices=("psnr", "labels", "tv"), default=["psnr", "labels", "tv"])
+    parser.add_argument("--sections", nargs="+", choices=("psnr", "labels", "tv", "sizes"), default=["psnr", "labels", "tv"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[8, 32, 64])
+    parser.add_argument("--size-batch", type=int, default=1)
+    parser.add_argument("--size-iterations", type=int, default=200)
+    parser.add_argument("--size-tv", nargs="+", type=tv_setting, default=[*TV_WEIGHTS, "auto"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = digits()
     settings = {"iterations": args.iterations, "restarts": args.restarts}
     attacks = [cls(cls.Params(**settings), seed=0) for cls in (FedAvgInversion, InvertingGradients)]
 
-    print(f"{args.clients} clients per cell, {args.iterations} iterations, {args.restarts} restarts; "
-          "PSNR dB mean (min) | label accuracy | seconds")
+    if {"psnr", "tv"} & set(args.sections):
+        print(f"{args.clients} clients per cell, {args.iterations} iterations, {args.restarts} restarts; "
+              "PSNR dB mean (min) | label accuracy | seconds")
     if "psnr" in args.sections:
         psnr_table(data, attacks, args.clients, args.grid)
     if "labels" in args.sections:
         label_table(data)
     if "tv" in args.sections:
         tv_table(data, args.iterations, args.restarts, args.clients)
+    if "sizes" in args.sections:
+        sizes_table(data, args.sizes, args.size_batch, args.size_iterations, args.size_tv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     run = fedsim.run(scenario)                  # train -> attack -> summary, quietly
     run.rounds, run.scores, run.model(), run.reconstructions("dlg")
     fedsim.Run.open(run.path)                   # the same, from the run directory
-    fedsim.attack("dlg", fedsim.from_gradient(model, grads, 1, (1, 8, 8), 10), iterations=50)
+    fedsim.attack("dlg", fedsim.from_gradient(model, grads, 1, (1, 8, 8), 10), iterations=3)
     fedsim.sweep({"scenario": {...}, "name": "s", "axes": {"training.lr": [0.05, 0.1]}})
 
 Everything here is what the CLI does (`fedsim.pipeline.runner`, `fedsim.experiments.sweep`),

@@ -32,7 +32,7 @@ TINY = {
     "federation": {"rounds": 2},
     "simulation": {"engine": "inline"},
     "observer": {"rounds": [1], "clients": "all"},
-    "attacks": [{"name": "dlg", "iterations": 5}],
+    "attacks": [{"name": "dlg", "iterations": 1, "evaluations_per_step": 5}],
 }
 
 
@@ -127,7 +127,7 @@ def test_run_writes_a_complete_run_directory(trained: TrainedRun) -> None:
     assert sorted(p.stem for p in attack_dir.glob("*.png")) == stems
     assert sorted(json_files(attack_dir)) == [f"{s}.json" for s in stems]
     record = json.loads((attack_dir / f"{stems[0]}.json").read_text())
-    assert record["attack"]["name"] == "dlg" and record["attack"]["iterations"] == 5
+    assert record["attack"]["name"] == "dlg" and record["attack"]["evaluations_per_step"] == 5
     assert (record["round"], record["client"]) == (1, 0)
 
 
@@ -171,17 +171,17 @@ def other_result_set(run: Path, attack: str) -> Path:
 def test_attack_existing_run_with_new_parameters(run_copy: Path) -> None:
     metrics = (run_copy / "metrics.jsonl").read_bytes()
     own = json_files(run_copy / "attacks" / "dlg")
-    code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "iterations=3")
+    code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "evaluations_per_step=3")
     assert (code, err) == (0, ""), out
     assert out.count("attack dlg on round 1") == 4  # the new parameters redo every target
     assert json_files(run_copy / "attacks" / "dlg") == own  # the scenario's results are kept
     attack_dir = other_result_set(run_copy, "dlg")
-    assert f"fedsim attack dlg: {run_copy}" in out and '"iterations": 3' in out  # the header
+    assert f"fedsim attack dlg: {run_copy}" in out and '"evaluations_per_step": 3' in out  # the header
     assert "fedsim summary: tiny" in out and f"{attack_dir.name} (4 targets)" in out
     assert out.rstrip().endswith(f"results: {attack_dir}")
     records = [json.loads(p.read_text()) for p in sorted(attack_dir.glob("*.json"))]
     assert len(records) == 4 and len(list(attack_dir.glob("*.png"))) == 4
-    assert all(r["attack"]["iterations"] == 3 for r in records)
+    assert all(r["attack"]["evaluations_per_step"] == 3 for r in records)
     assert all(0.0 <= r["label_accuracy"] <= 1.0 for r in records)
     assert (run_copy / "metrics.jsonl").read_bytes() == metrics  # no retraining
     summary = json.loads((run_copy / "summary.json").read_text())
@@ -189,7 +189,7 @@ def test_attack_existing_run_with_new_parameters(run_copy: Path) -> None:
 
     # the same attack again is already done: nothing is rewritten
     before = json_files(attack_dir)
-    code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "iterations=3")
+    code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "evaluations_per_step=3")
     assert (code, err) == (0, "") and "attack dlg on" not in out
     assert json_files(attack_dir) == before
 
@@ -213,12 +213,12 @@ def test_an_attack_the_scenario_does_not_run_keeps_each_settings_results(run_cop
 
 
 def test_attack_set_changes_only_the_named_parameter_of_the_scenario_attack(run_copy: Path) -> None:
-    """The scenario runs dlg with iterations=5 (default 300): `--set labels=inferred` keeps 5."""
+    """The scenario runs dlg with evaluations_per_step=5 (default 20): `--set labels=inferred` keeps 5."""
     code, out, err = run_cli("attack", run_copy, "--attack", "dlg", "--set", "labels=inferred")
     assert (code, err) == (0, ""), out
     records = [json.loads(p.read_text()) for p in other_result_set(run_copy, "dlg").glob("*.json")]
     assert records and all(r["attack"]["labels"] == "inferred" for r in records)
-    assert all(r["attack"]["iterations"] == 5 for r in records)
+    assert all(r["attack"]["evaluations_per_step"] == 5 for r in records)
 
 
 def test_attack_on_a_directory_that_is_not_a_run(tmp_path: Path) -> None:

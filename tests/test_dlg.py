@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from fedsim.attacks.dlg import DLG, IDLG
-from fedsim.attacks.gradient_matching import mean_step_gradient
+from fedsim.attacks.gradient_matching import l2_distance, mean_step_gradient
 from fedsim.attacks.label_inference import idlg_label, last_layer
 from fedsim.evaluation.metrics import (
     MAX_PSNR_DB,
@@ -83,7 +83,7 @@ def test_target_carries_no_ground_truth() -> None:
 def test_attacks_are_registered() -> None:
     assert ATTACKS.get("dlg") is DLG
     assert ATTACKS.get("idlg") is IDLG
-    assert DLG.Params().iterations == 300
+    assert (DLG.Params().iterations, DLG.Params().evaluations_per_step) == (15, 20)  # 300 evaluations
     with pytest.raises(ValueError):
         DLG.Params(iteratons=10)
 
@@ -134,7 +134,7 @@ def test_dlg_known_labels_need_labels(digits: tuple[torch.Tensor, torch.Tensor])
     target = observe(images[:1], labels[:1])
     with pytest.raises(UserError, match="known labels"):
         DLG(DLG.Params(labels="known"), seed=0).reconstruct(target)
-    recon = DLG(DLG.Params(labels="known", iterations=5), seed=0).reconstruct(
+    recon = DLG(DLG.Params(labels="known", iterations=1, evaluations_per_step=5), seed=0).reconstruct(
         dataclasses.replace(target, known_labels=labels[:1])
     )
     assert recon.labels.tolist() == labels[:1].tolist()
@@ -143,7 +143,7 @@ def test_dlg_known_labels_need_labels(digits: tuple[torch.Tensor, torch.Tensor])
 def test_same_seed_same_reconstruction(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
     images, labels = digits
     target = observe(images[:2], labels[:2])
-    params = DLG.Params(iterations=20, restarts=2)
+    params = DLG.Params(iterations=1, restarts=2)
 
     def run(seed: int) -> Reconstruction:
         return DLG(params, seed=seed).reconstruct(target)
@@ -195,5 +195,38 @@ def test_non_finite_distance_stops_early(digits: tuple[torch.Tensor, torch.Tenso
     target = observe(images[:1], labels[:1])
     broken = {name: torch.full_like(u, float("nan")) for name, u in target.update.items()}
     recon = DLG(DLG.Params(), seed=0).reconstruct(dataclasses.replace(target, update=broken))
-    assert recon.details["iterations"] == 1 and recon.attack_loss == float("inf")
+    assert recon.details["iterations"] == 1 and recon.details["objective_evaluations"] == 1
+    assert recon.attack_loss == float("inf")
     assert torch.isfinite(recon.images).all()
+
+
+def test_budget_counts_lbfgs_steps_as_torch_does(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """3 steps of 5 evaluations = torch.optim.LBFGS(max_iter=5).step called 3 times: the same
+    15 evaluations, the same lowest distance; splitting the budget differently changes nothing."""
+    images, labels = digits
+    target = dataclasses.replace(observe(images[:1], labels[:1]), known_labels=labels[:1])
+    start = torch.full((1, *SHAPE), 0.5)
+    target = dataclasses.replace(target, start=start)
+    found = DLG(DLG.Params(labels="known", iterations=3, evaluations_per_step=5), seed=0).reconstruct(target)
+    assert (found.details["iterations"], found.details["objective_evaluations"]) == (3, 15)
+
+    observed = mean_step_gradient(target)
+    model = copy.deepcopy(target.model)
+    x = start.clone().requires_grad_()
+    reference = torch.optim.LBFGS([x], lr=1.0, max_iter=5, history_size=100)
+    losses: list[float] = []
+
+    def closure() -> torch.Tensor:
+        reference.zero_grad()
+        gradient = torch.autograd.grad(F.cross_entropy(model(x), labels[:1]), list(model.parameters()), create_graph=True)
+        loss = l2_distance(list(gradient), observed)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        return loss
+
+    for _ in range(3):
+        reference.step(closure)
+    assert len(losses) == 15
+    assert found.attack_loss == pytest.approx(min(losses), rel=1e-3)  # float32 rounding
+    other = DLG(DLG.Params(labels="known", iterations=1, evaluations_per_step=15), seed=0).reconstruct(target)
+    assert torch.equal(other.images, found.images) and other.details["iterations"] == 1

@@ -35,7 +35,7 @@ from fedsim.attacks.gradient_matching import (
     one_gradient,
     total_variation,
 )
-from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.attacks.inverting_gradients import InvertingGradients, tv_weight
 from fedsim.attacks.label_inference import (
     estimated_scale,
     infer_labels,
@@ -362,3 +362,14 @@ def test_lpips_is_left_out_cleanly_without_torchvision(
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "LPIPS left out of the scores" in caplog.records[0].message
     lpips_metric.cache_clear()  # later tests see this machine's LPIPS again
+
+
+def test_auto_tv_weight_grows_with_the_image_side() -> None:
+    """`tv: auto` is 1e-4 at 8x8 (the figures measured on digits) and 1e-4 (side / 8)^3 above
+    (docs/gradient_inversion.md, "TV weight by image size"); a number is used as it is."""
+    assert tv_weight("auto", (4, 1, 8, 8)) == pytest.approx(1e-4)
+    assert tv_weight("auto", (1, 3, 32, 32)) == pytest.approx(6.4e-3)
+    assert tv_weight("auto", (2, 1, 64, 64)) == pytest.approx(0.0512)
+    assert tv_weight("auto", (1, 1, 16, 64)) == pytest.approx(1e-4 * 4**3)  # side: sqrt(H W)
+    assert tv_weight(0.2, (1, 3, 64, 64)) == 0.2
+    assert InvertingGradients.Params().tv == "auto"

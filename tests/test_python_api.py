@@ -30,8 +30,8 @@ def test_every_documented_snippet_runs_quietly_and_gives_its_numbers(
     assert len((out + err).splitlines()) <= 3, out + err  # not Flower's log, not the run's progress
 
     settings, scenario, run = namespace["settings"], namespace["scenario"], namespace["run"]
-    assert settings["federation"]["rounds"] == 3 and settings["attacks"][0]["iterations"] == 100
-    assert (scenario.federation.rounds, scenario.attacks[0].params.iterations) == (2, 30)
+    assert settings["federation"]["rounds"] == 3 and settings["attacks"][0]["iterations"] == 5
+    assert (scenario.federation.rounds, scenario.attacks[0].params.iterations) == (2, 2)
 
     assert namespace["rounds"]["round"].tolist() == [0, 1, 2]
     assert run.summary["training"]["final_test_accuracy"] == namespace["rounds"]["test_accuracy"].iloc[-1]

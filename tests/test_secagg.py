@@ -40,7 +40,7 @@ def raw_scenario(tmp_path: Path, **changes: object) -> dict:
         "federation": {"rounds": 2},
         "observer": {"rounds": "all", "clients": "all"},
         "defenses": [SECAGG],
-        "attacks": [{"name": "dlg", "iterations": 2}],
+        "attacks": [{"name": "dlg", "iterations": 1, "evaluations_per_step": 2}],
         "output": {"dir": str(tmp_path / "runs"), "save_model": False},
     }
     return {**raw, **changes}  # whole sections replaced
