@@ -8,8 +8,14 @@ non-private step. One torch thread, as fedsim's clients use by default. On CPU t
 process's CPU time (`time.process_time`), which other processes on a shared machine do not
 inflate; on CUDA it is wall time after a synchronise.
 
+`--cohort K` adds the vectorised engine (`engine: vectorized`): K clients' steps as one
+`train_cohort` call, plain (`vectorized`) and with DP-SGD's per-example clipping and noise
+(`vectorized dp`, the steps `DpSgd.private_steps` draws), reported per client step (the cohort
+step's time / K) against the same non-private inline step.
+
     python benchmarks/dp_overhead.py                     # 3x32x32 inputs, batch 64 (CIFAR-sized)
     python benchmarks/dp_overhead.py --steps 10 --models convnet --device cuda
+    python benchmarks/dp_overhead.py --models mlp convnet --cohort 8
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedsim.defenses.dp_sgd import DpSgd
 from fedsim.core.defense import LocalTraining
 from fedsim.core.registry import MODELS
+from fedsim.core.seeding import torch_generator
+from fedsim.data.datasets import TensorData
+from fedsim.federation.cohort.executor import batch_schedule, train_cohort
+from fedsim.federation.training import LocalHyperParams
 
 MODELS_TIMED = {
     "mlp": {"hidden": [512, 256]},
@@ -67,6 +77,36 @@ def step_times(model_name: str, mode: str, args: argparse.Namespace) -> list[flo
     return times[args.warmup :]
 
 
+def cohort_step_times(model_name: str, private: bool, args: argparse.Namespace) -> list[float]:
+    """Seconds per client step of the vectorised executor: `args.cohort` clients train
+    `args.steps` steps in one `train_cohort` call (after a one-step warm-up call), repeated
+    three times; each repeat's time / (steps * clients)."""
+    torch.manual_seed(0)
+    shape, classes, device = (3, args.side, args.side), 10, torch.device(args.device)
+    plugin = MODELS.get(model_name)
+    model = plugin(plugin.Params(**MODELS_TIMED[model_name]), shape, classes).to(device)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    n = args.batch * args.steps
+    datas = [TensorData(torch.rand(n, *shape), torch.randint(0, classes, (n,)), classes) for _ in range(args.cohort)]
+    times = []
+    for local_steps in (1, args.steps, args.steps, args.steps):
+        hp = LocalHyperParams(0.05, args.batch, 1, local_steps, "sgd", 0.0, 0.0)
+        training = LocalTraining(n, args.batch, 1, local_steps, 1, 1, 0)
+        defense = DpSgd(DpSgd.Params())
+        generators = [torch_generator(0, "batches", c) for c in range(args.cohort)]
+        steps = [defense.private_steps(training, g, device) for g in generators] if private else None
+        schedules = [s.batches for s in steps] if steps else [batch_schedule(n, hp, g) for g in generators]
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        clock = time.perf_counter if args.device == "cuda" else time.process_time
+        started = clock()
+        train_cohort(model, [start] * args.cohort, datas, schedules, hp, device, steps)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append((clock() - started) / (local_steps * args.cohort))
+    return times[1:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS_TIMED), choices=list(MODELS_TIMED))
@@ -76,6 +116,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cohort", type=int, default=0, help="also time the vectorised engine with this many clients")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -89,6 +130,10 @@ def main() -> None:
         for mode in MODES:
             median = statistics.median(step_times(model_name, mode, args))
             baseline = baseline or median
+            print(f"| {model_name} | {mode} | {1000 * median:.1f} | {median / baseline:.2f} |", flush=True)
+        for private in (False, True) if args.cohort else ():
+            median = statistics.median(cohort_step_times(model_name, private, args))
+            mode = f"vectorized{' dp' if private else ''} ({args.cohort} clients, per client step)"
             print(f"| {model_name} | {mode} | {1000 * median:.1f} | {median / baseline:.2f} |", flush=True)
 
 

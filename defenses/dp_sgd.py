@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedsim.core.defense import LocalTraining, PrivacyUnit, TrainTimeDefense
+from fedsim.core.defense import LocalTraining, PrivacyUnit, PrivateSteps, TrainTimeDefense
 from fedsim.core.errors import UserError
 from fedsim.core.registry import DEFENSES
 
@@ -164,6 +164,7 @@ class DpSgd(TrainTimeDefense):
             return self
 
     params: Params
+    takes_gradient_canaries = True  # `_add_gradient_canaries`
     # The engine, wrapped model and optimizer of the client being trained, and the
     # BatchMemoryManager it trains under, between prepare and finish.
     _engine: PrivacyEngine | None = None
@@ -249,6 +250,8 @@ class DpSgd(TrainTimeDefense):
             _check_ghost_norms(private_model, probe, norms)
         else:
             _check_per_sample_gradients(private_model, probe, expected)
+        if training.gradient_canaries:
+            _add_gradient_canaries(private_optimizer, model, training, p.max_grad_norm, sample_rate)
         self._memory = ExitStack()
         if p.max_physical_batch_size is not None:
             private_loader = self._memory.enter_context(
@@ -283,6 +286,47 @@ class DpSgd(TrainTimeDefense):
 
         return model._module if isinstance(model, AbstractGradSampleModule) else model
 
+    def vectorized_refusal(self) -> str | None:
+        """The vectorised engine computes exact per-example gradients with torch.func for any
+        plain torch model (so every `grad_sample_mode` gives the same steps there); only
+        secure_mode's cryptographic noise needs Opacus."""
+        if self.params.secure_mode:
+            return "dp_sgd.secure_mode draws its noise from Opacus's secure generator"
+        return None
+
+    def private_steps(
+        self, training: LocalTraining, generator: torch.Generator, device: torch.device
+    ) -> PrivateSteps:
+        """Opacus's steps without Opacus, drawn from `generator` in `prepare`'s order: the
+        noise seed (`_noise_generator`), then per pass the DataLoader's base seed and one
+        Poisson mask per batch (Opacus's UniformWithReplacementSampler), so the batches, the
+        noise and the accountant history equal the inline engine's."""
+        from opacus.accountants import create_accountant
+
+        p, n = self.params, training.num_examples
+        batches_per_epoch = -(-n // training.batch_size)  # len(loader)
+        sample_rate = 1 / batches_per_epoch
+        _warn_large_delta(p.delta, n)
+        noise = _noise_stream(generator, device)
+        total = training.local_steps or training.local_epochs * batches_per_epoch
+        batches: list[torch.Tensor] = []
+        while len(batches) < total:
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            for _ in range(min(batches_per_epoch, total - len(batches))):
+                batches.append((torch.rand(n, generator=generator) < sample_rate).nonzero().reshape(-1))
+        noise_multiplier = self._noise_multiplier(sample_rate, batches_per_epoch, training)
+
+        def record(state: dict[str, Any]) -> dict[str, float]:
+            accountant = create_accountant(p.accountant)
+            accountant.history = [tuple(entry) for entry in state.get(HISTORY_KEY, [])]
+            for _ in batches:
+                accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+            state[HISTORY_KEY] = [list(entry) for entry in accountant.history]
+            return {"epsilon": history_epsilon(state[HISTORY_KEY], p.accountant, p.delta)}
+
+        expected_batch_size = int(n * sample_rate)  # as Opacus's make_private computes it
+        return PrivateSteps(batches, p.max_grad_norm, noise_multiplier, expected_batch_size, noise, record)
+
     def _noise_multiplier(
         self, sample_rate: float, batches_per_epoch: int, training: LocalTraining
     ) -> float:
@@ -298,6 +342,38 @@ class DpSgd(TrainTimeDefense):
         return calibrated_noise(
             p.target_epsilon, p.delta, sample_rate, training.total_rounds * steps_per_round, p.accountant
         )
+
+
+def _add_gradient_canaries(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    training: LocalTraining,
+    max_grad_norm: float,
+    sample_rate: float,
+) -> None:
+    """Add the client's Dirac gradient canaries (`fedsim.data.canaries`) to the clipped sum just
+    before Opacus adds the noise, in either mode: each is a per-example gradient of norm C on
+    one coordinate, sampled into each step with the examples' rate, as a real example's
+    clipped gradient would be; so the accountant's epsilon covers each canary too."""
+    from fedsim.core.seeding import derive_seed
+
+    params = list(model.parameters())
+    if not all(q.requires_grad for q in params):
+        raise UserError("data.canaries.kind: gradient canaries need every model parameter trainable")
+    sizes = [q.numel() for q in params]
+    coordinates = torch.tensor(training.gradient_canaries, device=params[0].device)
+    draws = torch.Generator().manual_seed(derive_seed(training.seed, "gradient-canaries"))
+    add_noise = optimizer.add_noise
+
+    def add_canaries_then_noise() -> None:
+        sampled = torch.rand(len(coordinates), generator=draws) < sample_rate
+        spikes = torch.zeros(sum(sizes), device=coordinates.device)
+        spikes[coordinates[sampled.to(coordinates.device)]] = max_grad_norm
+        for q, part in zip(params, spikes.split(sizes), strict=True):
+            q.summed_grad.add_(part.view_as(q.summed_grad))
+        add_noise()
+
+    optimizer.add_noise = add_canaries_then_noise
 
 
 _reported_modes: set[tuple[str, str]] = set()
@@ -350,8 +426,15 @@ def history_epsilon(history: list[list[float]], accountant: str, delta: float) -
     """The epsilon of an accountant history (`[noise_multiplier, sample_rate, steps]` entries).
 
     PRV's `get_epsilon` returns the upper end of its error interval (eps_error 0.01), so both
-    choices are upper bounds on the true epsilon.
+    choices are upper bounds on the true epsilon. Cached per history: a call costs 0.1-0.5 s of
+    accountant arithmetic (most of a DP-SGD round's time for small clients, see docs/scale.md),
+    and clients with equal example counts share their history.
     """
+    return _history_epsilon(tuple(tuple(entry) for entry in history), accountant, delta)
+
+
+@lru_cache(maxsize=4096)
+def _history_epsilon(history: tuple[tuple[float, float, int], ...], accountant: str, delta: float) -> float:
     if not history:
         return 0.0
     if any(noise_multiplier == 0 for noise_multiplier, _, _ in history):
@@ -359,7 +442,7 @@ def history_epsilon(history: list[list[float]], accountant: str, delta: float) -
     from opacus.accountants import create_accountant
 
     engine_accountant = create_accountant(accountant)
-    engine_accountant.history = [tuple(entry) for entry in history]
+    engine_accountant.history = list(history)
     return float(engine_accountant.get_epsilon(delta=delta))
 
 
@@ -418,9 +501,12 @@ def _noise_generator(loader: DataLoader, device: torch.device) -> torch.Generato
     the server can neither replay the noise nor see it repeat across clients and rounds. A
     loader without a generator gets None (Opacus then draws from the global RNG).
     """
-    if loader.generator is None:
-        return None
-    seed = int(torch.randint(2**62, (), generator=loader.generator))
+    return None if loader.generator is None else _noise_stream(loader.generator, device)
+
+
+def _noise_stream(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded by one draw from the client's batch `generator`."""
+    seed = int(torch.randint(2**62, (), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
 
 

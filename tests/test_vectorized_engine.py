@@ -90,6 +90,6 @@ def test_vectorized_run_matches_inline(tmp_path: Path) -> None:
 
 
 def test_unsupported_scenarios_fall_back_with_reason(tmp_path: Path) -> None:
-    dp = scenario("vectorized", tmp_path, defenses=[{"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}])
-    assert "train-time defenses" in fallback_reason(dp.public().to_yaml())
+    mid = scenario("vectorized", tmp_path, defenses=[{"name": "mid"}])
+    assert fallback_reason(mid.public().to_yaml()) == "Mid acts inside the inline training loop"
     assert fallback_reason(scenario("vectorized", tmp_path).public().to_yaml()) is None

@@ -89,6 +89,10 @@ class LocalTraining:
     total_rounds: int
     server_round: int
     seed: int  # private to this client and round (from the node's secret)
+    # flat indices into the parameters (`model.parameters()` order) of the Dirac gradient
+    # canaries this client trains with (`data.canaries.kind: gradient`); a defense with
+    # `takes_gradient_canaries` adds them
+    gradient_canaries: tuple[int, ...] = ()
 
 
 class Defense(ABC):
@@ -128,6 +132,7 @@ class TrainTimeDefense(Defense):
     """Changes local training: gets the model, optimizer and loader before the first step."""
 
     stage: ClassVar[Stage] = "train"
+    takes_gradient_canaries: ClassVar[bool] = False  # adds `LocalTraining.gradient_canaries`
 
     @abstractmethod
     def prepare(
@@ -159,6 +164,40 @@ class TrainTimeDefense(Defense):
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain model inside whatever `prepare` wrapped it in."""
         return model
+
+    def vectorized_refusal(self) -> str | None:
+        """Why an engine that trains a cohort as one computation cannot run this defense
+        (None: it can, through `private_steps`). Default: the defense acts inside the inline
+        training loop (its `prepare`, `loss` and `finish`), so that engine trains inline."""
+        return f"{type(self).__name__} acts inside the inline training loop"
+
+    def private_steps(
+        self, training: LocalTraining, generator: torch.Generator, device: torch.device
+    ) -> PrivateSteps | None:
+        """This client's DP-SGD steps for an engine that trains without `prepare` (the
+        vectorised one), drawn from the client's batch `generator` as `prepare`'s loader would
+        draw them; None (the default): the steps are the plain ones."""
+        return None
+
+
+@dataclass(frozen=True)
+class PrivateSteps:
+    """DP-SGD's local steps as a batched engine runs them, without Opacus.
+
+    Step s trains on the example indices `batches[s]` (Poisson-sampled); each example's
+    gradient is clipped to norm `max_grad_norm`, the clipped sum gets Gaussian noise of std
+    `noise_multiplier * max_grad_norm` drawn from `noise` (the client's secret stream, one
+    `torch.normal` per parameter tensor, in `parameters()` order), and is divided by
+    `expected_batch_size`. `record(state)` accounts the steps in the client's `state` once
+    they ran and returns what `finish` reports (the epsilon so far).
+    """
+
+    batches: list[torch.Tensor]
+    max_grad_norm: float
+    noise_multiplier: float
+    expected_batch_size: int
+    noise: torch.Generator
+    record: Callable[[dict[str, Any]], dict[str, float]]
 
 
 class UpdateTimeDefense(Defense):

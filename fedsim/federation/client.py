@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -81,13 +82,13 @@ def partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _defense_state(context: Context, index: int) -> dict[str, Any]:
+def defense_state(context: Context, index: int) -> dict[str, Any]:
     """A train-time defense's per-client state, persisted in Flower's Context.state."""
     record = context.state.get(f"fedsim.defense.{index}")
     return json.loads(record["json"]) if record is not None else {}
 
 
-def _store_defense_state(context: Context, index: int, state: dict[str, Any]) -> None:
+def store_defense_state(context: Context, index: int, state: dict[str, Any]) -> None:
     context.state[f"fedsim.defense.{index}"] = ConfigRecord({"json": json.dumps(state)})
 
 
@@ -133,7 +134,7 @@ def defense_mods(message: Message, context: Context, call_next: ClientAppCallabl
 def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     setup = client_setup(str(config[SCENARIO_KEY]))
-    scenario, pid, secret = setup.scenario, partition_id(context), node_secret(context)
+    pid, secret = partition_id(context), node_secret(context)
     server_round = int(config["server-round"])
     train_data, _ = setup.data.client(pid)
 
@@ -141,16 +142,10 @@ def train(message: Message, context: Context) -> Message:
     global_state = message.content["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state)
     hp = LocalHyperParams.from_config(config)
-    training = LocalTraining(
-        num_examples=len(train_data),
-        batch_size=hp.batch_size,
-        local_epochs=hp.local_epochs,
-        local_steps=hp.local_steps or None,
-        total_rounds=scenario.federation.rounds,
-        server_round=server_round,
-        seed=derive_seed(secret, "train-defense", server_round),
-    )
-    states = [_defense_state(context, i) for i in range(len(setup.train_defenses))]
+    training = local_training(setup, hp, len(train_data), secret, server_round)
+    if setup.data.canaries is not None:  # white-box audits: Dirac gradient canaries for DP-SGD
+        training = replace(training, gradient_canaries=setup.data.canaries.gradient_canaries(pid, model))
+    states = [defense_state(context, i) for i in range(len(setup.train_defenses))]
     result = train_locally(
         model,
         train_data,
@@ -162,11 +157,26 @@ def train(message: Message, context: Context) -> Message:
         device=setup.device,
     )
     for i, state in enumerate(states):
-        _store_defense_state(context, i, state)
+        store_defense_state(context, i, state)
     for defense in setup.train_defenses:
         model = defense.unwrap(model)
 
     return train_reply(message, setup, model, global_state, result, pid, secret)
+
+
+def local_training(
+    setup: ClientSetup, hp: LocalHyperParams, num_examples: int, secret: int, server_round: int
+) -> LocalTraining:
+    """What a train-time defense is told about this client's round (also the vectorised engine's)."""
+    return LocalTraining(
+        num_examples=num_examples,
+        batch_size=hp.batch_size,
+        local_epochs=hp.local_epochs,
+        local_steps=hp.local_steps or None,
+        total_rounds=setup.scenario.federation.rounds,
+        server_round=server_round,
+        seed=derive_seed(secret, "train-defense", server_round),
+    )
 
 
 def train_reply(

@@ -7,7 +7,10 @@ ordinary reply the ClientApp would give (`fedsim.federation.client.train_reply`:
 defenses, metrics, truth record), so the observer, strategies and attacks see what they see
 under the inline engine. Each client's batches still come from its own secret generator.
 Everything else (queries, evaluation, client actions, scenarios it cannot vectorise) goes to
-the inline Grid, with a one-line notice naming why.
+the inline Grid, with a one-line notice naming why. A train-time defense runs here only
+through its `private_steps` (DP-SGD: Poisson batches, per-example clipping, noise from the
+client's secret generator, the same accountant history in the node's state); any other, or
+more than one, trains inline.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from flwr.serverapp import Grid
 
 from fedsim.core.errors import UserError
 from fedsim.core.seeding import node_secret, torch_generator
-from fedsim.federation.client import partition_id, train_reply
+from fedsim.federation.client import defense_state, local_training, partition_id, store_defense_state, train_reply
 from fedsim.federation.client_call import ClientSetup, client_setup
 from fedsim.federation.cohort.executor import batch_schedule, train_cohort
 from fedsim.federation.grid_view import GridView
@@ -39,9 +42,14 @@ def fallback_reason(scenario_yaml: str) -> str | None:
     """Why this scenario's local training cannot be vectorised (None: it can)."""
     setup = client_setup(scenario_yaml)
     scenario = setup.scenario
-    if setup.train_defenses:
+    if len(setup.train_defenses) > 1:
         names = ", ".join(type(d).__name__ for d in setup.train_defenses)
-        return f"train-time defenses ({names}) are not vectorised"
+        return f"train-time defenses ({names}) compose only in the inline training loop"
+    for defense in setup.train_defenses:
+        if (refusal := defense.vectorized_refusal()) is not None:
+            return refusal
+    if setup.train_defenses and setup.data.canaries is not None and setup.data.canaries.kind == "gradient":
+        return "white-box gradient canaries are added inside Opacus's optimizer"
     if setup.client_mods:
         return "the scenario's defenses run Flower client mods around each client"
     if any(d.name == "secagg_plus" for d in scenario.defenses):
@@ -61,7 +69,8 @@ def fallback_reason(scenario_yaml: str) -> str | None:
 def chunk_size(setup: ClientSetup, sample: LocalHyperParams) -> int:
     """Clients per chunk: the scenario's `max_clients_per_batch`, else all on CPU, else what
     fits in a share of the free CUDA memory (parameters, gradients, two optimizer moments,
-    anchor and padded data per client, plus a batch of activations guessed as 8x the input)."""
+    anchor and padded data per client, plus a batch of activations guessed as 8x the input, and
+    under DP-SGD per-example gradients for a Poisson batch of up to twice the batch size)."""
     limit = setup.scenario.simulation.max_clients_per_batch
     if limit is not None or setup.device.type != "cuda":
         return limit or 1 << 30
@@ -69,6 +78,8 @@ def chunk_size(setup: ClientSetup, sample: LocalHyperParams) -> int:
     data = setup.data.client(0)[0]
     example = data.x[0].numel() * data.x.element_size()
     per_client = 6 * params + 2 * len(data) * example + 8 * sample.batch_size * example
+    if setup.train_defenses:
+        per_client += 2 * sample.batch_size * params
     free, _ = torch.cuda.mem_get_info(setup.device)
     return max(1, int(free * CUDA_MEMORY_SHARE // per_client))
 
@@ -124,22 +135,37 @@ class VectorizedGrid(GridView):
         datas = [setup.data.client(pid)[0] for pid in pids]
         if any(len(d) == 0 for d in datas):
             raise UserError("a client has no training examples; give every client data (data.partitioner) or use fewer clients")
-        schedules = [
-            batch_schedule(len(d), hp, torch_generator(secret, "batches", server_round))
-            for d, secret in zip(datas, secrets)
-        ]
+        generators = [torch_generator(secret, "batches", server_round) for secret in secrets]
+        private = None
+        if setup.train_defenses:  # one, whose vectorized_refusal() is None (fallback_reason)
+            defense = setup.train_defenses[0]
+            steps = [
+                defense.private_steps(local_training(setup, hp, len(d), secret, server_round), g, setup.device)
+                for d, secret, g in zip(datas, secrets, generators)
+            ]
+            private = None if None in steps else steps
+        if private is None:
+            schedules = [batch_schedule(len(d), hp, g) for d, g in zip(datas, generators)]
+        else:
+            schedules = [p.batches for p in private]
         starts = [m.content["arrays"].to_torch_state_dict() for m in messages]
         model = setup.new_model().to(setup.device)
-        done = train_cohort(model, starts, datas, schedules, hp, setup.device)
+        done = train_cohort(model, starts, datas, schedules, hp, setup.device, private)
         scratch = setup.new_model()
-        for message, start, params, loss, schedule, data, pid, secret in zip(
-            messages, starts, done.params, done.mean_losses, schedules, datas, pids, secrets
+        for c, (message, context, start, params, loss, schedule, data, pid, secret) in enumerate(
+            zip(messages, contexts, starts, done.params, done.mean_losses, schedules, datas, pids, secrets)
         ):
             scratch.load_state_dict({**start, **params})
+            metrics: dict[str, float] = {}
+            if private is not None:
+                state = defense_state(context, 0)
+                metrics = private[c].record(state)
+                store_defense_state(context, 0, state)
             result = LocalResult(
                 num_examples=len(data),
                 steps=len(schedule),
                 mean_loss=loss,
+                metrics=metrics,
                 batches=[b.tolist() for b in schedule],
             )
             self.replies[message.metadata.message_id] = train_reply(

@@ -7,6 +7,10 @@ its steps is masked out of the update (its parameters and optimizer state are ke
 client is dropped and each one takes exactly the steps, batches and optimizer arithmetic of
 `fedsim.federation.training.train_locally` (SGD with momentum / weight decay, Adam, FedProx's
 proximal pull added to the gradient before the optimizer's weight decay, as there).
+
+DP-SGD (`PrivateSteps`, from the defense) replaces a step's mean gradient by Opacus's clipped,
+noised sum (`fedsim.federation.cohort.private`); Poisson batches of any size are padded to the
+largest one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedsim.core.defense import PrivateSteps
+from fedsim.federation.cohort.private import PrivateGradients
 from fedsim.data.datasets import TensorData
 from fedsim.federation.training import LocalHyperParams
 
@@ -61,10 +67,14 @@ def train_cohort(
     schedules: list[list[torch.Tensor]],
     hp: LocalHyperParams,
     device: torch.device,
+    private: list[PrivateSteps] | None = None,
 ) -> CohortResult:
-    """Train len(starts) clients from their start parameters on their data, in one batch."""
+    """Train len(starts) clients from their start parameters on their data, in one batch
+    (DP-SGD steps where `private` gives each client's; then `schedules` are its batches)."""
     names = [name for name, _ in model.named_parameters()]
-    clients, width, steps = len(starts), hp.batch_size, max(map(len, schedules))
+    clients, steps = len(starts), max(map(len, schedules))
+    longest_batch = max((len(b) for schedule in schedules for b in schedule), default=0)
+    width = max(1, longest_batch) if private else hp.batch_size  # Poisson batches vary in size
     regression = datas[0].is_regression
     params = {k: torch.stack([s[k] for s in starts]).to(device, torch.float32) for k in names}
     anchor = {k: v.clone() for k, v in params.items()}
@@ -78,24 +88,37 @@ def train_cohort(
         for s, batch in enumerate(schedule):
             index[s, c, : len(batch)], weight[s, c, : len(batch)] = batch, 1.0
     x, y, index, weight = x.to(device), y.to(device), index.to(device), weight.to(device)
-    active = weight.sum(2) > 0  # [steps, clients]: the client takes step s
+    counts = [len(s) for s in schedules]
+    active = (torch.arange(steps)[:, None] < torch.tensor(counts)).to(device)  # [steps, clients]: a
+    # client takes step s (a Poisson batch may be empty: that step adds noise only)
 
     def loss_of(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
         per = per_example_loss(functional_call(model, p, (xb,)), yb, regression)
         return (per * wb).sum() / wb.sum().clamp_min(1.0)
 
     step_grads = vmap(grad_and_value(loss_of))
+    if private is not None:
+        private_grads = PrivateGradients(model, x[0, :1], lambda out, yb: per_example_loss(out, yb, regression))
     rows = torch.arange(clients, device=device)[:, None]
-    first = {k: torch.zeros_like(v) for k, v in params.items()}  # momentum buffer / Adam moments
-    second = {k: torch.zeros_like(v) for k, v in params.items()}
+    moments = 2 if hp.optimizer == "adam" else int(bool(hp.momentum))  # optimizer state tensors
+    first = {k: torch.zeros_like(v) for k, v in params.items()} if moments else {}  # momentum / Adam's m
+    second = {k: torch.zeros_like(v) for k, v in params.items()} if moments == 2 else {}  # Adam's v
     taken = torch.zeros(clients, device=device)
     loss_sum = torch.zeros(clients, device=device)
     for s in range(steps):
-        grads, losses = step_grads(params, x[rows, index[s]], y[rows, index[s]], weight[s])
-        on = active[s]
+        on, xb, yb, wb = active[s], x[rows, index[s]], y[rows, index[s]], weight[s]
+        if private is None:
+            grads, losses = step_grads(params, xb, yb, wb)
+        else:
+            grads, losses = private_grads(params, xb, yb, wb, on, private)
         loss_sum += torch.where(on, losses.detach(), 0.0)
+        everyone = bool(on.all())  # the common case: no masking (the update ops dominate a step)
+
+        def kept(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            return new if everyone else torch.where(_expand(on, old), new, old)
+
         for k in names:
-            p, g = params[k], grads[k]
+            p, g = params[k], grads[k].detach()
             if hp.proximal_mu:
                 g = g + hp.proximal_mu * (p - anchor[k])
             if hp.weight_decay:
@@ -106,16 +129,16 @@ def train_cohort(
                 v = ADAM_BETAS[1] * second[k] + (1 - ADAM_BETAS[1]) * g * g
                 denom = v.sqrt() / (1 - ADAM_BETAS[1] ** t).sqrt() + ADAM_EPS
                 new = p - (hp.lr / (1 - ADAM_BETAS[0] ** t)) * m / denom
-                second[k] = torch.where(_expand(on, p), v, second[k])
+                second[k] = kept(v, second[k])
+                first[k] = kept(m, first[k])
             elif hp.momentum:
-                m = torch.where(_expand(taken == 0, p), g, hp.momentum * first[k] + g)
-                new = p - hp.lr * m
+                m = g if s == 0 else torch.where(_expand(taken == 0, p), g, hp.momentum * first[k] + g)
+                new = torch.add(p, m, alpha=-hp.lr)
+                first[k] = kept(m, first[k])
             else:
-                m, new = first[k], p - hp.lr * g
-            first[k] = torch.where(_expand(on, p), m, first[k])
-            params[k] = torch.where(_expand(on, p), new, p).detach()
+                new = torch.add(p, g, alpha=-hp.lr)
+            params[k] = kept(new, p)
         taken += on
-    counts = [len(s) for s in schedules]
     cpu = {k: v.cpu() for k, v in params.items()}
     return CohortResult(
         params=[{k: v[c] for k, v in cpu.items()} for c in range(clients)],
