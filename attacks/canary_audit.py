@@ -16,11 +16,25 @@ the run's reported example-level epsilon.
   difference leaves the canary's own clipped gradient plus noise: under DP-SGD exactly the
   quantity the accountant analyses. Needs every client of a round observed
   (`observer: {rounds: all, clients: all}` for the tightest audit).
+- `canary_gradient_audit` (white-box, the strongest setting; `data.canaries.kind: gradient`):
+  Dirac gradient canaries, which DP-SGD adds as per-example gradients of norm C on one
+  coordinate each. The score is the single-step gradient the designated client's update
+  implies on the canary's coordinate, -(returned - sent)[j] / lr, times the expected batch size
+  (so it reads as the clipped sum: C for the canary plus N(0, (sigma C)^2) noise plus the
+  client's own data's pull on j), minus the same reading of the round's other clients
+  (their data's pull on j, never the canary), summed over rounds. With one local plain-SGD
+  step per round the reading is exact and the score is the Gaussian mechanism's own
+  sufficient statistic.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedsim.attacks.loss_threshold import loss_threshold_scores
@@ -41,11 +55,21 @@ class CanaryAudit(MembershipAttack):
     )
     granted = "canaries"
     needs_classes = True
+    canary_kind: ClassVar[str] = "input"  # the `data.canaries.kind` it scores
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         beta: float = Field(0.05, gt=0, lt=0.5, description="1 - confidence of the lower bound")
+
+    @classmethod
+    def check_scenario(cls, params: BaseModel, scenario: Any) -> None:
+        super().check_scenario(params, scenario)
+        if scenario.data.canaries.kind != cls.canary_kind:
+            raise ValueError(
+                f"attack '{cls.registered_name}' scores {cls.canary_kind} canaries; set "
+                f"data.canaries.kind: {cls.canary_kind}"
+            )
 
     def score(self, target: MembershipTarget) -> np.ndarray:
         return loss_threshold_scores(target.model, target.x, target.y).numpy()
@@ -63,19 +87,58 @@ class CanaryUpdateAudit(CanaryAudit):
 
     def score(self, target: MembershipTarget) -> np.ndarray:
         assert target.canary_clients is not None
-        rounds: dict[int, list[GradientTarget]] = {}
-        for update in target.updates:
-            rounds.setdefault(update.server_round, []).append(update)
-        if not any(len(updates) > 1 for updates in rounds.values()):
-            raise UserError(
-                "canary_update_audit compares clients of a round: record at least two "
-                "(observer.clients: all)"
-            )
-        scores = np.zeros(len(target.y))
-        for updates in (u for u in rounds.values() if len(u) > 1):
-            aligned = np.stack([alignment_scores(u, target.x, target.y).numpy() for u in updates])
-            for row, update in enumerate(updates):
-                mine = target.canary_clients == update.client
-                control = np.delete(aligned, row, axis=0).mean(0)  # the other clients' pull
-                scores[mine] += aligned[row, mine] - control[mine]
-        return scores
+        return controlled_scores(
+            target, lambda update: alignment_scores(update, target.x, target.y).numpy()
+        )
+
+
+@ATTACKS.register("canary_gradient_audit")
+class CanaryGradientAudit(CanaryUpdateAudit):
+    """DP audit (one run), white-box: Dirac gradient canaries read off their client's updates."""
+
+    threat_model = (
+        "auditor with the curious server's view: plants Dirac gradient canaries (per-example "
+        "gradients on one coordinate each, included with probability 1/2) and sees every "
+        "recorded update of their designated clients"
+    )
+    needs_classes = False
+    canary_kind = "gradient"
+
+    def score(self, target: MembershipTarget) -> np.ndarray:
+        assert target.canary_coordinates is not None
+        coordinates = torch.as_tensor(target.canary_coordinates)
+        return controlled_scores(target, lambda update: spike_reading(update, coordinates))
+
+
+def spike_reading(update: GradientTarget, coordinates: torch.Tensor) -> np.ndarray:
+    """The clipped-sum gradient one step implies at `coordinates`: -update / lr times Opacus's
+    expected batch size (n times the sample rate 1 / ceil(n / batch size)). Under DP the reply
+    hides n and the server knows only its plan (batch size times steps): then the factor is
+    the same for every client, and the scores rank as unscaled readings."""
+    gradient = torch.cat([g.flatten() for g in update.single_step_gradient()])
+    n = update.num_examples
+    expected_batch = int(n / math.ceil(n / update.batch_size))
+    return (gradient[coordinates] * expected_batch).double().numpy()
+
+
+def controlled_scores(
+    target: MembershipTarget, reading: Callable[[GradientTarget], np.ndarray]
+) -> np.ndarray:
+    """Sum over rounds of each canary's `reading` of its designated client's update, minus the
+    mean reading of the round's other clients (which never hold that canary)."""
+    rounds: dict[int, list[GradientTarget]] = {}
+    for update in target.updates:
+        rounds.setdefault(update.server_round, []).append(update)
+    if not any(len(updates) > 1 for updates in rounds.values()):
+        raise UserError(
+            "canary audits on updates compare the clients of a round: record at least two "
+            "(observer.clients: all)"
+        )
+    scores = np.zeros(len(target.canary_clients))
+    for updates in (u for u in rounds.values() if len(u) > 1):
+        read = np.stack([reading(update) for update in updates])
+        for row, update in enumerate(updates):
+            mine = target.canary_clients == update.client
+            control = np.delete(read, row, axis=0).mean(0)  # the other clients' pull
+            scores[mine] += read[row, mine] - control[mine]
+    return scores

@@ -27,6 +27,7 @@ import yaml
 from cli_helpers import run_cli
 
 from fedsim.evaluation.metrics import save_image_grid
+from fedsim.reporting.audit_figures import roc_figures
 from fedsim.reporting.report_figures import axis_labels, pareto, pareto_front
 from fedsim.experiments.sweep_table import load_results, mean_std, seed_summary
 
@@ -38,7 +39,7 @@ SCENARIO = {
     "federation": {"rounds": 3},
     "observer": {"rounds": [1], "clients": [0]},
     "defenses": [{"name": "dp_sgd", "noise_multiplier": 1.0}],
-    "attacks": [{"name": "dlg", "iterations": 10}],
+    "attacks": [{"name": "dlg", "iterations": 1, "evaluations_per_step": 10}, "loss_threshold"],
 }
 NOISE = [0.5, 2.0]
 SEEDS = [0, 1]
@@ -74,7 +75,7 @@ def matrix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scenario = {**SCENARIO, "defenses": [], "training": {"batch_size": MATRIX_BATCH, "local_steps": 1, "lr": 0.5}}
     spec = {
         "name": "matrix",
-        "scenario": {**scenario, "federation": {"rounds": 2}, "attacks": [{"name": "dlg", "iterations": 3}]},
+        "scenario": {**scenario, "federation": {"rounds": 2}, "attacks": [{"name": "dlg", "iterations": 1, "evaluations_per_step": 3}]},
         "mode": "zip",
         "axes": {"defenses": MATRIX_DEFENSES},
         "output": str(root),
@@ -147,8 +148,9 @@ def test_sweep_report_is_self_contained_and_matches_the_table(sweep_dir: Path) -
     page = Page()
     page.feed((sweep_dir / "report.html").read_text())
     assert not {"script", "link", "iframe"} & set(page.tags)
-    # figures: accuracy vs epsilon, one strength plot (one axis), Pareto; one grid per cell
-    assert len(page.images) == 3 + len(NOISE) * len(SEEDS)
+    # figures: accuracy vs epsilon, one strength plot (one axis), Pareto, loss_threshold's
+    # ROC curves; one grid per cell (dlg's: a ROC curve is no reconstruction)
+    assert len(page.images) == 4 + len(NOISE) * len(SEEDS)
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         width, height = png_size(base64.b64decode(src.split(",", 1)[1]))
@@ -176,6 +178,14 @@ def test_sweep_report_is_self_contained_and_matches_the_table(sweep_dir: Path) -
         "## Utility-leakage Pareto frontier" in markdown
         and "| defenses.0.noise_multiplier |" in markdown
     )
+    assert "## Membership inference: ROC curves" in markdown and "report_files/roc_loss_threshold.png" in links
+    ((attack, plot, _),) = roc_figures(table["run_dir"].tolist(), table["cell"].tolist())
+    curves = [line.get_label() for line in plot.axes[0].get_lines()]
+    assert attack == "loss_threshold" and len(curves) == len(NOISE) * len(SEEDS) + 1  # and chance
+    for cell, curve in zip(table["cell"], curves):
+        auc = json.loads((sweep_dir / cell / "attacks" / attack / "final_model.json").read_text())["auc"]
+        assert curve == f"{cell} (AUC {auc:.3f})"
+    assert png_size((sweep_dir / "report_files" / "roc_loss_threshold.png").read_bytes())[0] >= 500
 
 
 def test_image_grids_wrap_and_cap(tmp_path: Path) -> None:
@@ -242,7 +252,7 @@ def test_single_run_report(tmp_path: Path) -> None:
     assert code == 0, (out, err)
     page = Page()
     page.feed((run_dir / "report.html").read_text())
-    assert len(page.images) == 2  # accuracy and epsilon per round; one reconstruction grid
+    assert len(page.images) == 3  # accuracy and epsilon per round; ROC; one reconstruction grid
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"{summary['training']['final_test_accuracy']:.4g}" in page.cells
     assert "round_0001_client_0000" in page.cells and "dlg" in page.cells  # not its parameters
@@ -251,7 +261,7 @@ def test_single_run_report(tmp_path: Path) -> None:
     assert 0.1 <= dlg["label_chance"] < 0.2 and dlg["judge"].startswith("convnet")
     assert f"{dlg['recovered']}/{dlg['paired']} recovered (SSIM >= 0.7)" in page.cells
     if CHROMIUM:
-        assert_sane_layout(rendered(run_dir / "report.html", tmp_path), 2)
+        assert_sane_layout(rendered(run_dir / "report.html", tmp_path), 3)
 
     code, out, err = run_cli("report", tmp_path / "nothing")
     assert code == 2 and err.startswith("error: ") and "neither a sweep directory" in err
@@ -353,7 +363,7 @@ needs_chromium = pytest.mark.skipif(
 @needs_chromium
 def test_chromium_renders_every_plot_and_image(sweep_dir: Path, tmp_path: Path) -> None:
     run_cli("report", sweep_dir)
-    assert_sane_layout(rendered(sweep_dir / "report.html", tmp_path), 3 + len(NOISE) * len(SEEDS))
+    assert_sane_layout(rendered(sweep_dir / "report.html", tmp_path), 4 + len(NOISE) * len(SEEDS))
     pixels = screenshot(sweep_dir / "report.html", tmp_path)
     assert pixels.shape[:2] == (1600, 1200)
     colours = np.unique((pixels.reshape(-1, 3) * 255).astype(np.uint8), axis=0)

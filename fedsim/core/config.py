@@ -161,8 +161,14 @@ AttackSpec = Annotated[PluginSpec, _plugin_validator(ATTACKS)]
 
 
 class CanaryConfig(Section):
-    """Audit canaries: mislabelled test examples, each in a client's data with some probability."""
+    """Audit canaries: mislabelled test examples (input) or Dirac per-example gradients
+    (gradient), each in a client's training with some probability."""
 
+    kind: Literal["input", "gradient"] = Field(
+        "input", description="input: mislabelled test examples added to the client's data; "
+        "gradient: a per-example gradient of norm max_grad_norm on one parameter, added inside "
+        "DP-SGD before the noise (white-box audits; needs dp_sgd)"
+    )
     count: int = Field(0, ge=0, description="canaries (0: none); drawn from the test set, which loses them")
     clients: list[Annotated[int, Field(ge=0)]] | Literal["all"] = Field(
         "all", description="partition ids the canaries are designated to, round-robin (a client "
@@ -394,6 +400,17 @@ class Scenario(Section):
                     f"attacks {classifying} recover class labels, but data.dataset '{dataset}' "
                     "is a regression task; drop them or use a classification dataset"
                 )
+        canaries = self.data.canaries
+        if canaries.kind == "gradient" and canaries.count and not any(
+            getattr(DEFENSES.get(d.name), "takes_gradient_canaries", False) for d in self.defenses
+        ):
+            raise ValueError(
+                "data.canaries.kind: gradient canaries are per-example gradients that DP-SGD adds "
+                "before its noise; add the dp_sgd defense, or use kind: input"
+            )
+        model_check = getattr(MODELS.get(self.model.name), "check_scenario", None)
+        if model_check is not None:  # models that need other sections (e.g. kde's pca: public classes)
+            model_check(self.model.params, self)
         for spec in self.attacks:
             ATTACKS.get(spec.name).check_scenario(spec.params, self)
         for spec in self.defenses:

@@ -70,6 +70,7 @@ class MembershipTarget:
     sources: np.ndarray | None = None
     canary_clients: np.ndarray | None = None
     updates: tuple[GradientTarget, ...] = ()
+    canary_coordinates: np.ndarray | None = None  # gradient canaries: flat parameter indices
 
 
 class MembershipAttack(Attack):

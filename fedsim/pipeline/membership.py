@@ -24,13 +24,15 @@ the attack's `MembershipTarget` (`fedsim.core.membership`):
   `canaries.json` (which canary went where), `audit.roc.{json,png}`.
 
 Scores (`fedsim.evaluation.membership`): ROC AUC, TPR at FPR 0.1 % and 1 %, balanced accuracy.
-A result already written with the same attack parameters is not recomputed.
+A result already written with the same attack parameters is not recomputed; other parameters
+(`fedsim attack --set`) write `attacks/<name>-<hash>` (`RunDirectory.attack_dir`), as every stage does.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ from fedsim.core.errors import UserError
 from fedsim.core.membership import MembershipAttack, MembershipTarget, ReferenceModel
 from fedsim.core.results import RunDirectory, atomic_write_json, read_record
 from fedsim.core.seeding import derive_seed
+from fedsim.data.canaries import parameter_count
 from fedsim.data.datasets import FederatedData, federated_data
 from fedsim.evaluation.auditing import DEFAULT_BETA, one_run_audit
 from fedsim.evaluation.membership import SUMMARY_KEYS, describe, membership_scores, save_roc
@@ -73,11 +76,10 @@ def draw_candidates(
 
 
 def _write(
-    run: RunDirectory, spec: PluginSpec, attack: MembershipAttack, stem: str,
+    out_dir: Path, spec: PluginSpec, attack: MembershipAttack, stem: str,
     scores: np.ndarray, truth: np.ndarray, seconds: float, extra: dict[str, Any], console: Console,
 ) -> None:  # fmt: skip
     result = membership_scores(scores, truth)
-    out_dir = run.attacks_dir / spec.name
     save_roc(result.curve, out_dir / f"{stem}.roc", f"{spec.name} {stem}")
     record = {
         "attack": spec.model_dump(mode="json"),
@@ -90,8 +92,8 @@ def _write(
     console.print(f"attack {spec.name} on {stem}: {describe(record)} ({seconds:.1f} s)")
 
 
-def _done(run: RunDirectory, spec: PluginSpec, stem: str) -> bool:
-    path = run.attacks_dir / spec.name / f"{stem}.json"
+def _done(out_dir: Path, spec: PluginSpec, stem: str) -> bool:
+    path = out_dir / f"{stem}.json"
     return path.exists() and read_record(path, "attack")["attack"] == spec.model_dump(mode="json")
 
 
@@ -99,7 +101,8 @@ def attack_final_model(
     run: RunDirectory, scenario: Scenario, spec: PluginSpec, attack: MembershipAttack, console: Console
 ) -> None:
     """A model-holder membership attack on the final global model."""
-    if _done(run, spec, "final_model"):
+    out_dir = run.attack_dir(spec, scenario)  # `fedsim attack --set` results go beside, not over
+    if _done(out_dir, spec, "final_model"):
         return
     data = federated_data(scenario.data, scenario.public().seed)  # as the federation held it
     model = model_leakage.model_target(run, scenario, data).model
@@ -130,7 +133,7 @@ def attack_final_model(
     )
     started = time.perf_counter()
     scores = np.asarray(attack.score(target), dtype=np.float64)
-    _write(run, spec, attack, "final_model", scores, truth, time.perf_counter() - started, {}, console)
+    _write(out_dir, spec, attack, "final_model", scores, truth, time.perf_counter() - started, {}, console)
 
 
 def round_members(run: RunDirectory, observation: Observation, data: FederatedData) -> np.ndarray:
@@ -160,12 +163,13 @@ def attack_updates(
         )
     data = federated_data(scenario.data, scenario.public().seed)
     source_size = getattr(spec.params, "source_size", None)
-    for observation in [o for o in recorded if not _done(run, spec, o.stem)]:
+    out_dir = run.attack_dir(spec, scenario)
+    for observation in [o for o in recorded if not _done(out_dir, spec, o.stem)]:
         rng = np.random.default_rng(derive_seed(scenario.seed, "membership", spec.name, observation.stem))
         members = round_members(run, observation, data)
         if len(members) == 0:  # e.g. every Poisson-sampled DP-SGD batch came out empty
             atomic_write_json(
-                run.attacks_dir / spec.name / f"{observation.stem}.json",
+                out_dir / f"{observation.stem}.json",
                 {"attack": spec.model_dump(mode="json"), "skipped": "no training examples"},
             )
             continue
@@ -197,7 +201,7 @@ def attack_updates(
         started = time.perf_counter()
         scores = np.asarray(attack.score(target), dtype=np.float64)
         extra = {"round": observation.server_round, "client": observation.client}
-        _write(run, spec, attack, observation.stem, scores, truth, time.perf_counter() - started, extra, console)
+        _write(out_dir, spec, attack, observation.stem, scores, truth, time.perf_counter() - started, extra, console)
 
 
 def reported_example_epsilon(run: RunDirectory) -> dict[str, Any] | None:
@@ -221,19 +225,20 @@ def attack_canaries(
     added or removed); a bound above it is a privacy bug (`violation`). Without an
     example-level epsilon the bound is reported alone (delta 1e-5).
     """
-    if _done(run, spec, "audit"):
+    out_dir = run.attack_dir(spec, scenario)
+    if _done(out_dir, spec, "audit"):
         return
     data = federated_data(scenario.data, scenario.public().seed)
     canaries = data.canaries
     if canaries is None:
         raise UserError(f"attack '{spec.name}' audits canaries: set data.canaries.count")
-    out_dir = run.attacks_dir / spec.name
     atomic_write_json(out_dir / "canaries.json", {"canaries": canaries.describe()})
     updates = tuple(
         gradient_target(o, scenario, data) for o in load_observations(run.root) if not o.aggregate_of
     ) if attack.sees_updates else ()  # fmt: skip
+    model = model_leakage.model_target(run, scenario, data).model
     target = MembershipTarget(
-        model=model_leakage.model_target(run, scenario, data).model,
+        model=model,
         x=canaries.x,
         y=canaries.y,
         population_x=data.test.x,
@@ -243,6 +248,7 @@ def attack_canaries(
         reference_models=_no_reference_models,
         canary_clients=canaries.client,
         updates=updates,
+        canary_coordinates=canaries.coordinates(parameter_count(model)) if canaries.kind == "gradient" else None,
     )
     started = time.perf_counter()
     scores = np.asarray(attack.score(target), dtype=np.float64)
@@ -253,9 +259,10 @@ def attack_canaries(
         "audit": audit.as_dict(),
         "epsilon_lower_bound": audit.epsilon_lower_bound,
         "reported": reported,
-        "violation": bool(reported and audit.epsilon_lower_bound > reported["epsilon"]),
+        # an infinite reported epsilon (noise 0: clipping only) is recorded as null: no violation
+        "violation": bool(reported and reported["epsilon"] is not None and audit.epsilon_lower_bound > reported["epsilon"]),
     }
-    _write(run, spec, attack, "audit", scores, canaries.included, time.perf_counter() - started, extra, console)
+    _write(out_dir, spec, attack, "audit", scores, canaries.included, time.perf_counter() - started, extra, console)
     if extra["violation"]:
         console.print(
             f"[bold red]privacy bug[/]: audited epsilon >= {audit.epsilon_lower_bound:.3f} exceeds the "

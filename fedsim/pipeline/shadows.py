@@ -13,13 +13,19 @@ target. Nothing of the target run's randomness is reused (its secret seed is dro
 attack runs and nothing is observed.
 
 Each shadow is a run directory under `cache/shadows/shadow_KK/` of the target run (its
-scenario.yaml, with the pool indices its clients trained on, metrics.jsonl, model.safetensors). A finished shadow is never retrained, so a killed attack resumes, and
-every reference attack of the run (LiRA online and offline, RMIA) shares the same shadows.
+scenario.yaml, with the pool indices its clients trained on, metrics.jsonl, model.safetensors).
+A finished shadow is never retrained, so a killed attack resumes, and every reference attack of
+the run (LiRA online and offline, RMIA, whatever their settings: no attack setting enters a
+shadow's scenario) shares the same shadows. The cache is keyed by the shadow's scenario read
+back with today's defaults (`shadow_directory`), so a cache written before fedsim gained a
+field is still used, and one of another shadow recipe is retrained, never an error.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,9 +33,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
-from fedsim.core.config import CanaryConfig, ObserverConfig, Scenario
+from fedsim.core.config import CanaryConfig, ObserverConfig, Scenario, build_scenario, read_yaml
 from fedsim.core.errors import UserError
-from fedsim.core.results import RunDirectory, prepare_run_directory
+from fedsim.core.results import RunDirectory, atomic_write_bytes, prepare_run_directory
 from fedsim.core.seeding import derive_seed
 from fedsim.data.datasets import FederatedData, federated_data
 from fedsim.federation.simulation import run_federation
@@ -93,6 +99,28 @@ def shadow_scenario(scenario: Scenario, index: int, train_pool: list[int]) -> Sc
     )
 
 
+def shadow_directory(root: Path, shadow: Scenario, console: Console) -> RunDirectory:
+    """The cache directory `root` for `shadow`, made ready for `prepare_run_directory`.
+
+    A cached scenario.yaml that differs from `shadow`'s text but reads back (with today's
+    defaults for fields added since it was written) as the same scenario is rewritten in
+    today's form and its model kept; one that holds another scenario (other examples, an
+    older shadow recipe, fields since removed) is deleted, so the shadow is retrained."""
+    cached = RunDirectory(root)
+    text = shadow.to_yaml()
+    if cached.scenario_path.is_file() and cached.scenario_path.read_bytes() != text.encode():
+        try:
+            same = build_scenario(read_yaml(cached.scenario_path)).to_yaml() == text
+        except UserError:
+            same = False
+        if same:
+            atomic_write_bytes(cached.scenario_path, text.encode())
+        else:
+            console.print(f"{root} holds another shadow scenario (an older fedsim's?): training it again")
+            shutil.rmtree(root)
+    return prepare_run_directory(shadow, root)
+
+
 def train_shadows(
     run: RunDirectory, scenario: Scenario, count: int, population: np.ndarray, console: Console
 ) -> list[Shadow]:
@@ -102,14 +130,14 @@ def train_shadows(
     shadows = []
     for index in range(count):
         shadow = shadow_scenario(scenario, index, shadow_train_pool(scenario, population, index))
-        directory = prepare_run_directory(shadow, run.root / "cache" / SHADOWS / f"shadow_{index:02d}")
+        directory = shadow_directory(run.root / "cache" / SHADOWS / f"shadow_{index:02d}", shadow, console)
         data = federated_data(shadow.data, shadow.public().seed)
         if not (torch.equal(data.pool.x, target.pool.x) and torch.equal(data.pool.y, target.pool.y)):
             raise UserError(
                 f"dataset '{scenario.data.dataset.name}' changes with the seed, so shadow models "
                 "cannot be trained on the same population; use a fixed dataset (e.g. digits)"
             )
-        if not directory.training_done:
+        if directory.needs_training:
             console.print(f"shadow federation {index + 1}/{count} -> {directory.root}")
             directory.reset_training()
             run_federation(shadow, directory)

@@ -1,15 +1,26 @@
-"""The audit figure: each audit's empirical epsilon lower bound against the reported epsilon.
+"""The empirical-privacy figures: audits' epsilon lower bounds, membership ROC curves.
 
-A sound accountant keeps every point on or below the y = x line; a point above it is a privacy
-bug (the audit's 95 % lower bound exceeds the epsilon the run reports). Runs without an
-example-level epsilon (no DP) are drawn at the right edge, labelled "no DP".
+`empirical_vs_reported`: each audit's lower bound against the reported epsilon. A sound
+accountant keeps every point on or below the y = x line; a point above it is a privacy bug (the
+audit's 95 % lower bound exceeds the epsilon the run reports). Runs without an example-level
+epsilon (no DP) are drawn at the right edge, labelled "no DP".
+
+`roc_figures`: per membership attack, one ROC curve per run, on log-log axes as Carlini et al.
+(2022) plot them (the low-FPR corner is what an attacker can act on), with the chance diagonal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from fedsim.core.results import RunDirectory, read_record
+from fedsim.evaluation.membership import RocCurve, load_roc
 
 BOUND = "_epsilon_lower_bound"
 REPORTED = "epsilon_example"
@@ -51,3 +62,82 @@ def empirical_vs_reported(summary: pd.DataFrame) -> tuple[Figure, str] | None:
         f"No-DP runs at the right edge (x = {edge:.3g} stands for infinity)."
     )
     return figure, caption
+
+
+ROC_SUFFIX = ".roc.json"
+ROC_GRID_POINTS = 400
+
+
+@dataclass(frozen=True)
+class RunRoc:
+    """One run's ROC curve for one attack: the TPR on `fpr` (mean over the attack's targets,
+    e.g. its observed rounds) and the attack's mean AUC as summary.json reports it."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auc: float
+    targets: int
+
+
+def tpr_on(curve: RocCurve, fpr: np.ndarray) -> np.ndarray:
+    """The curve's TPR at each FPR in `fpr`: the largest TPR of a point with FPR <= it (the
+    empirical step curve, read as `RocCurve.tpr_at_fpr` reads it; no interpolation)."""
+    order = np.searchsorted(curve.fpr, fpr, side="right") - 1
+    return np.maximum.accumulate(curve.tpr)[order]
+
+
+def run_roc(directory: Path) -> RunRoc | None:
+    """The ROC of the membership attack whose results are in `directory`
+    (`attacks/<name>/*.roc.json`), vertically averaged over its targets (Fawcett 2006) on a
+    log-spaced FPR grid down to half of one false positive; None if it saved none."""
+    paths = sorted(directory.glob(f"*{ROC_SUFFIX}"))
+    if not paths:
+        return None
+    curves = [load_roc(p) for p in paths]
+    floor = 1.0 / (2 * max(c.non_members for c in curves))
+    fpr = np.concatenate([[0.0], np.geomspace(floor, 1.0, ROC_GRID_POINTS)])
+    tpr = np.mean([tpr_on(c, fpr) for c in curves], axis=0)
+    records = [read_record(p.with_name(p.name.removesuffix(ROC_SUFFIX) + ".json")) for p in paths]
+    return RunRoc(fpr, tpr, float(np.mean([r["auc"] for r in records])), len(paths))
+
+
+def roc_attacks(run_dirs: Sequence[Path | str]) -> list[str]:
+    """The result folders (`attacks/<name>`, one per attack and settings) with a saved ROC
+    curve in any of `run_dirs`."""
+    return sorted(
+        {p.parent.name for d in run_dirs for p in RunDirectory(d).attacks_dir.glob(f"*/*{ROC_SUFFIX}")}
+    )
+
+
+def roc_figures(run_dirs: Sequence[Path | str], labels: Sequence[str]) -> list[tuple[str, Figure, str]]:
+    """(attack, figure, caption) per membership attack: one curve per run, labelled with
+    `labels` (the runs' short setting labels) and the run's AUC, and the chance diagonal."""
+    out = []
+    for attack in roc_attacks(run_dirs):
+        curves = [(label, run_roc(RunDirectory(d).attacks_dir / attack)) for d, label in zip(run_dirs, labels)]
+        drawn = [(label, c) for label, c in curves if c is not None]
+        floor = min(c.fpr[1] for _, c in drawn)
+        figure = Figure(figsize=(5.0, 4.6))  # the legend goes right of it (png's tight box)
+        axes = figure.subplots()
+        styles = ("-", "--", "-.", ":")
+        for rank, (label, curve) in enumerate(drawn):
+            axes.plot(
+                np.maximum(curve.fpr, floor), np.maximum(curve.tpr, floor),
+                linestyle=styles[rank // 10 % len(styles)], linewidth=1.4, label=f"{label} (AUC {curve.auc:.3f})",
+            )  # fmt: skip
+        axes.plot([floor, 1], [floor, 1], "k:", linewidth=0.9, label="chance (TPR = FPR)")
+        axes.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05))
+        axes.set_xlabel("false-positive rate (log)", fontsize=10)
+        axes.set_ylabel("true-positive rate (log)", fontsize=10)
+        axes.set_title(f"ROC: {attack}", fontsize=11)
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        figure.subplots_adjust(left=0.15, right=0.97, bottom=0.12, top=0.92)
+        averaged = any(c.targets > 1 for _, c in drawn)
+        caption = (
+            f"{attack}: one curve per run ({len(drawn)}), log-log; the dotted diagonal is chance. "
+            + ("Runs with several targets (observed rounds) show their mean TPR at each FPR. " if averaged else "")
+            + "Rates of 0 are drawn at the axes' floor (half of one false positive)."
+        )
+        out.append((attack, figure, caption))
+    return out

@@ -3,9 +3,9 @@
 A sweep report has the mean ± std over seeds of every setting, accuracy against epsilon
 (one panel per kind of guarantee: example-level, client-level, local; see `fedsim.core.privacy`),
 utility and leakage against each swept field (the defense strength), the utility-leakage
-Pareto frontier per attack, the table of all cells, and reconstruction image grids per cell.
-A single run's report has its accuracy and epsilon per round, its leakage per attacked
-observation and its image grids.
+Pareto frontier per attack, one ROC figure per membership attack (a curve per cell), the table
+of all cells, and reconstruction image grids per cell. A single run's report has its accuracy
+and epsilon per round, its leakage per attacked observation, its ROC curves and image grids.
 
 The report is built once as a list of blocks (headings, text, tables, figures, images) and
 rendered twice: HTML with every image inline as a base64 PNG (one file to mail or archive),
@@ -93,10 +93,16 @@ def figure(name: str, plot: Figure, caption: str) -> Picture:
     return Picture(f"{FIGURES_DIR}/{name}.png", figures.png(plot), caption)
 
 
-def image_grid(root: Path, cells: pd.DataFrame, labels: list[str], per_cell: int) -> TableBlock:
+def reconstruction_images(folder: Path) -> list[Path]:
+    """An attack's image grids in `folder` (not membership attacks' ROC plots, which the
+    report overlays per attack: `roc_blocks`)."""
+    return sorted(p for p in folder.glob("*.png") if not p.name.endswith(".roc.png"))
+
+
+def image_grid(root: Path, cells: pd.DataFrame, labels: list[str], per_cell: int) -> TableBlock | None:
     """One row per finished cell, one column per attack: its truth-vs-reconstruction PNGs
     (the first `per_cell` attacked observations), with their scores and a link to the pairs
-    beyond the grid's cap (`fedsim.evaluation.metrics.more_path`)."""
+    beyond the grid's cap (`fedsim.evaluation.metrics.more_path`); None if no attack drew any."""
     runs = [RunDirectory(path) for path in cells["run_dir"]]
     attacks = sorted(
         {
@@ -104,15 +110,17 @@ def image_grid(root: Path, cells: pd.DataFrame, labels: list[str], per_cell: int
             for run in runs
             if run.attacks_dir.exists()
             for d in run.attacks_dir.iterdir()
-            if d.is_dir()
+            if d.is_dir() and reconstruction_images(d)
         }
     )
+    if not attacks:
+        return None
     rows: list[list[Cell]] = []
     for label, seed, run in zip(labels, cells["seed"], runs):
         row: list[Cell] = [label, number(seed)]
         for attack in attacks:
             pictures = []
-            for image in sorted((run.attacks_dir / attack).glob("*.png"))[:per_cell]:
+            for image in reconstruction_images(run.attacks_dir / attack)[:per_cell]:
                 caption = score_caption(image.stem, read_record(image.with_suffix(".json")))
                 more = more_path(image)
                 pictures.append(
@@ -133,8 +141,6 @@ def score_caption(name: str, scores: dict) -> str:
     verdict (model inversion)."""
     if "psnr" in scores:
         return f"{name}: PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}"
-    if "fpr" in scores:  # a membership attack's ROC curve (fedsim.evaluation.membership)
-        return f"{name}: {scores['members']} members, {scores['non_members']} non-members"
     return f"{name}: top-1 {scores['top1_accuracy']:.2f}, KNN distance {scores['knn_distance']:.2f}"
 
 
@@ -223,6 +229,10 @@ def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
     audit = audit_figures.empirical_vs_reported(summary)
     if audit is not None:
         blocks += [Heading("Audited against reported epsilon"), figure("audit_epsilon", *audit)]
+    labels = figures.combination_labels(done, axes)
+    if done["seed"].nunique() > 1:
+        labels = [f"{label}, seed {seed}" for label, seed in zip(labels, done["seed"])]
+    blocks += roc_blocks(done["run_dir"].tolist(), labels)
     blocks.append(Heading("Utility and leakage against defense strength"))
     short = short_names(axes)
     for axis in axes:
@@ -231,13 +241,30 @@ def sweep_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
             figure(f"strength_{short[axis]}", plot, f"Against {axis}; mean ± std over seeds.")
         )
     blocks += pareto_blocks(summary, axes)
-    blocks += [
-        Heading("Reconstructions per cell (top: truth, bottom: reconstruction)"),
+    blocks += grid_blocks(
+        "Reconstructions per cell (top: truth, bottom: reconstruction)",
         image_grid(root, done, figures.combination_labels(done, axes), per_cell),
+    )
+    blocks += [
         Heading("All cells"),
         frame_table(with_short_axes(table, axes).drop(columns=["run_dir"])),
     ]
     return f"fedsim sweep report: {manifest['sweep']}", blocks
+
+
+def roc_blocks(run_dirs: list[str], labels: list[str]) -> list[Block]:
+    """One ROC figure per membership attack, one curve per run (`audit_figures.roc_figures`)."""
+    plots = audit_figures.roc_figures(run_dirs, labels)
+    if not plots:
+        return []
+    return [
+        Heading("Membership inference: ROC curves"),
+        *(figure(f"roc_{attack}", plot, caption) for attack, plot, caption in plots),
+    ]
+
+
+def grid_blocks(title: str, grid: TableBlock | None) -> list[Block]:
+    return [] if grid is None else [Heading(title), grid]
 
 
 def skipped_note(run_dirs: pd.Series) -> list[Block]:
@@ -295,10 +322,10 @@ def run_blocks(root: Path, per_cell: int) -> tuple[str, list[Block]]:
             frame_table(pd.DataFrame(records).reindex(columns=columns)),
             *skipped_note(row["run_dir"]),
         ]
-    blocks += [
-        Heading("Reconstructions (top: truth, bottom: reconstruction)"),
-        image_grid(root, row, [scenario], per_cell),
-    ]
+    blocks += roc_blocks([str(root)], [scenario])
+    blocks += grid_blocks(
+        "Reconstructions (top: truth, bottom: reconstruction)", image_grid(root, row, [scenario], per_cell)
+    )
     return f"fedsim run report: {scenario}", blocks
 
 
