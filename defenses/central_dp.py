@@ -16,7 +16,8 @@ only in scenarios that use them; the server then sees clipped (but not noised) u
 
 Accounting (`accounting: true`, the default) composes one Gaussian release per aggregated
 round with Rényi DP, without amplification by sampling: the epsilon holds however the cohort
-is chosen. It needs what the noise calibration assumes, so it refuses the rest:
+is chosen. It needs what the noise calibration assumes, so it refuses the rest (when the
+scenario is validated, `check_scenario`, and again when the server wraps the strategy):
 
 - the inner strategy must release the plain FedAvg average (fedavg, fedprox). FedAdam and
   FedAvgM change the average before the wrapper adds noise to their output; with
@@ -65,7 +66,7 @@ import functools
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from unittest.mock import patch
 
 import numpy as np
@@ -92,7 +93,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.core.defense import PrivacyUnit, ServerTimeDefense
 from fedsim.core.errors import UserError
-from fedsim.core.registry import DEFENSES
+from fedsim.core.registry import DEFENSES, STRATEGIES
+
+if TYPE_CHECKING:
+    from fedsim.core.config import Scenario
 
 F = TypeVar("F", bound=Callable[..., Any])
 _flower_get_norm = flower_dp.get_norm
@@ -196,16 +200,20 @@ class CentralDp(ServerTimeDefense):
     _strategy: Any = None
     _accountant: OpacusRdpAccountant | None = None
 
+    @classmethod
+    def check_scenario(cls, params: BaseModel, scenario: Scenario) -> None:
+        """Refuse, at validation, a strategy the wrapper cannot account for or be built
+        around (e.g. fedadam with accounting), as the server would when it starts."""
+        spec = scenario.federation.strategy
+        strategy = STRATEGIES.get(spec.name).build(spec.params)
+        try:
+            cls(params).wrapped(strategy, scenario.cohort_size)
+        except UserError as err:
+            raise ValueError(f"defenses.{err}") from None
+
     def wrap(self, strategy: Strategy, cohort_size: int, total_rounds: int) -> Strategy:
         """Flower's wrapper around `strategy`; with accounting, every client weighs 1/m."""
-        name = next(name for name, cls in DEFENSES if cls is type(self))
         if self.params.accounting:
-            if not _averages_plainly(type(strategy)):
-                raise UserError(
-                    f"{name}: strategy {type(strategy).__name__} changes the average before "
-                    "the DP noise is added, so no epsilon holds; use fedavg or fedprox, or "
-                    "set accounting: false (no epsilon reported)"
-                )
             strategy.weighted_by_key = "unit-weight"
             self._accountant = OpacusRdpAccountant(
                 PrivacyConfig(
@@ -215,11 +223,23 @@ class CentralDp(ServerTimeDefense):
                     sampling_method=SamplingMethod.NO_AMPLIFICATION,
                 )
             )
+        self._strategy = self.wrapped(strategy, cohort_size)
+        return self._strategy
+
+    def wrapped(self, strategy: Strategy, cohort_size: int) -> Strategy:
+        """`build`, or a UserError naming the defense when `strategy` breaks its guarantee
+        (it changes the average the noise is calibrated to) or Flower's wrapper refuses it."""
+        name = self.registered_name
+        if self.params.accounting and not _averages_plainly(type(strategy)):
+            raise UserError(
+                f"{name}: strategy {type(strategy).__name__} changes the average before "
+                "the DP noise is added, so no epsilon holds; use fedavg or fedprox, or "
+                "set accounting: false (no epsilon reported)"
+            )
         try:
-            self._strategy = self.build(strategy, cohort_size)
+            return self.build(strategy, cohort_size)
         except ValueError as err:
             raise UserError(f"{name}: {err}") from None
-        return self._strategy
 
     @abstractmethod
     def build(self, strategy: Strategy, cohort_size: int) -> Strategy:

@@ -88,7 +88,11 @@ def run(
         )
         sys.exit(1)
     if written.failure:
-        print(f"error: training failed in '{written.root}': {written.failure}", file=sys.stderr)
+        print(
+            f"error: training failed in '{written.root}': {written.failure}; to train it again: "
+            f"fedsim run {written.scenario_path} --run-dir {written.root}",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -4,7 +4,9 @@ below `federation.min_replies`), and central-DP epsilon counts only released rou
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,9 @@ import pytest
 from rich.console import Console
 
 from fedsim.core.config import FaultsConfig, Scenario, build_scenario
-from fedsim.core.results import FAILED, RunDirectory, read_record
+from fedsim.core.results import FAILED, RunDirectory, atomic_write_json, read_record
 from fedsim.federation.faults import fault_strikes
+from fedsim.federation.simulation import OneLineFaults
 from fedsim.pipeline.runner import run_scenario
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,3 +124,60 @@ def test_central_dp_epsilon_counts_only_released_rounds(tmp_path: Path) -> None:
         clean_eps[sum(released[: i + 1])] for i in range(ROUNDS)
     ]
     assert clean_eps[1] > 0
+
+
+def test_resume_trains_a_failed_run_again(tmp_path: Path) -> None:
+    """A run the failure policy stopped is not finished: a resume trains it again (a failure
+    may be transient), with no round written twice and no attack on the failed training."""
+    failing = scenario(tmp_path, federation={"rounds": 2}, faults={"rate": 1.0}, attacks=[{"name": "dlg", "iterations": 2}])
+    out = io.StringIO()
+    for _ in range(2):
+        run = run_scenario(failing, tmp_path / "failing", Console(file=out, width=400))
+        assert read_record(run.training_path)["status"] == FAILED and run.failure.startswith("round 1: 0 usable")
+        assert [r["round"] for r in run.metrics()] == [0] and not run.attacks_dir.exists()
+    assert out.getvalue().count("training failed earlier (round 1: 0 usable replies of 4") == 1
+    assert out.getvalue().count("attacks skipped until a rerun trains it") == 2
+
+    clean = scenario(tmp_path, federation={"rounds": 2})
+    run, rounds = train(clean, tmp_path, "transient")
+    atomic_write_json(run.training_path, {"status": FAILED, "reason": "round 2: 0 usable replies of 4", "rounds": 1})
+    again, retrained = train(clean, tmp_path, "transient")  # as if round 2 had timed out
+    assert read_record(again.training_path)["status"] == "finished" and again.failure is None
+    assert [r["test_accuracy"] for r in retrained] == [r["test_accuracy"] for r in rounds]
+
+
+def test_flowers_records_of_a_raise_fault_become_one_line() -> None:
+    """What Flower's Ray engine logs for one raising client (a generic line, the Ray task
+    error, the driver's traceback) is one line for a fault; a real error keeps its traceback."""
+    task_error = (
+        "ray::ClientAppActor.run() (pid=1)\n  File \"faults.py\", line 65, in fault_mod\n"
+        "RuntimeError: fedsim fault: raise (client 1, round 2)\n\nClientAppException: \n"
+        "Exception ClientAppException occurred. Message: fedsim fault: raise (client 1, round 2)"
+    )
+    flower = [
+        "An exception was raised when processing a message by RayBackend",
+        task_error,
+        f"Traceback (most recent call last):\n  File \"vce_api.py\"\n{task_error}",
+        "Traceback (most recent call last):\nValueError: a real bug",
+    ]
+    records = [logging.LogRecord("flwr", logging.ERROR, __file__, 1, text, (), None) for text in flower]
+    keep = OneLineFaults()
+    assert [r.getMessage() for r in records if keep.filter(r)] == [
+        "client failed: fedsim fault: raise (client 1, round 2)",
+        "Traceback (most recent call last):\nValueError: a real bug",
+    ]
+
+
+def test_an_attack_skips_a_nan_update_of_a_finished_run(tmp_path: Path) -> None:
+    s = scenario(
+        tmp_path,
+        federation={"rounds": 1},
+        faults={"kind": "nan", "rate": 1.0, "clients": [0]},
+        observer={"rounds": [1], "clients": [0, 1]},
+        attacks=[{"name": "dlg", "iterations": 1}],
+    )
+    run, (record,) = train(s, tmp_path, "run")
+    assert record["failures"] == {"non_finite": [0]} and run.failure is None
+    results = run.attacks_dir / "dlg"
+    assert read_record(results / "round_0001_client_0000.json")["skipped"] == "non-finite update"
+    assert "psnr" in read_record(results / "round_0001_client_0001.json")

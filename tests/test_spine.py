@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from fedsim.data.datasets import federated_data
 from fedsim.core.defense import LocalTraining
 from fedsim.models import build_model
 from fedsim.federation.observer import load_ground_truth, load_observations
-from fedsim.core.results import RunDirectory
+from fedsim.core.results import RunDirectory, read_json
 from fedsim.pipeline.runner import run_scenario
 from fedsim.federation.sampling import draw_cohort
 from fedsim.core.seeding import client_secret, public_seed, torch_generator
@@ -140,7 +141,7 @@ def test_dlg_recovers_a_single_image_from_a_recorded_update(tmp_path: Path) -> N
         training={"batch_size": 1, "local_steps": 1, "lr": 0.1},
         federation={"rounds": 1, "clients_per_round": 2},
         observer={"rounds": [1], "clients": "all"},
-        attacks=[{"name": "dlg", "iterations": 100}],
+        attacks=[{"name": "dlg", "iterations": 5}],  # L-BFGS steps: 100 evaluations
     )
     summary = json.loads(run_dir.summary_path.read_text())
     assert summary["attacks"]["dlg"]["targets"] == 2
@@ -163,7 +164,7 @@ DLG_SETUP = {
     "training": {"batch_size": 1, "local_steps": 1, "lr": 0.1},
     "federation": {"rounds": 2, "clients_per_round": 2},
     "observer": {"rounds": [1], "clients": "all"},
-    "attacks": [{"name": "dlg", "iterations": 100}],
+    "attacks": [{"name": "dlg", "iterations": 5}],
 }
 
 
@@ -206,11 +207,27 @@ def test_server_time_central_dp_reports_epsilon_but_server_still_sees_raw_update
 
 
 @pytest.mark.ray
-def test_ray_engine_gives_the_inline_numbers(tmp_path: Path) -> None:
-    changes = {"data": {"dataset": "digits", "num_clients": 4}, "federation": {"rounds": 2, "clients_per_round": 2}}
+def test_ray_engine_gives_the_inline_numbers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Raising clients included (one Ray start-up for both): on Ray the same seeded clients
+    fail, are recorded in metrics.jsonl, the run finishes, and each failure is one log line
+    (Flower alone logs about 45 lines of tracebacks per failed client)."""
+    changes = {
+        "data": {"dataset": "digits", "num_clients": 4},
+        "federation": {"rounds": 2, "clients_per_round": 2},
+        "faults": {"kind": "raise", "rate": 0.3},  # seed 3: client 3 fails in round 1, 2 in round 2
+    }
     inline = metrics_without_time(run(tmp_path, "inline", **changes))
-    on_ray = metrics_without_time(run(tmp_path, "ray", simulation={"engine": "ray"}, **changes))
+    with caplog.at_level(logging.WARNING):
+        on_ray_run = run(tmp_path, "ray", simulation={"engine": "ray"}, **changes)
+    on_ray = metrics_without_time(on_ray_run)
     assert on_ray == inline
+    assert [r["failures"] for r in on_ray[1:]] == [{"error": [3]}, {"error": [2]}]
+    assert read_json(on_ray_run.training_path)["status"] == "finished"
+    flower = [r.getMessage() for r in caplog.records if r.name.startswith("flwr") and r.levelno >= logging.ERROR]
+    assert flower == [
+        "client failed: fedsim fault: raise (client 3, round 1)",
+        "client failed: fedsim fault: raise (client 2, round 2)",
+    ]
 
 
 def test_readme_commands_are_what_ci_runs() -> None:

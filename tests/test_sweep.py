@@ -34,7 +34,7 @@ TINY = {
     "federation": {"rounds": 2},
     "observer": {"rounds": [1], "clients": [0]},
     "defenses": [{"name": "topk", "keep_fraction": 1.0}],
-    "attacks": [{"name": "dlg", "iterations": 5}],
+    "attacks": [{"name": "dlg", "iterations": 1, "evaluations_per_step": 5}],
 }
 
 
@@ -278,29 +278,38 @@ def test_sigkill_mid_sweep_then_rerun_resumes_without_loss_or_duplicates(tmp_pat
     assert csv["cell"].tolist() == table["cell"].tolist()
 
 
+def test_a_cell_that_validation_refuses_refuses_the_sweep_before_anything_runs(tmp_path: Path) -> None:
+    """The contract: a cell that can never run (central DP's epsilon needs FedAvg's average)
+    is a bad sweep file, refused at load naming the cell; per-cell failures (next test) are
+    for what happens while a cell runs, which a rerun retries."""
+    scenario = {**TINY, "defenses": [*TINY["defenses"], "central_dp_fixed"]}
+    path = write_sweep(tmp_path, scenario=scenario, axes={"federation.strategy": ["fedavg", "fedadam"]})
+    code, out, err = run_cli("sweep", path)
+    assert code == 2 and err.count("\n") == 1, (out, err)
+    assert "cell 1 (federation.strategy=fedadam): scenario: defenses.central_dp_fixed: strategy FedAdam" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_results_table_failures_and_retry(tmp_path: Path) -> None:
-    # central DP's accounting needs FedAvg's average: the FedAdam cells fail when the server
-    # starts, the others finish (one worker: the parallel path is the kill test's)
-    scenario = {
-        **TINY,
-        "defenses": [*TINY["defenses"], "central_dp_fixed"],
-        "attacks": [{"name": "idlg", "iterations": 5}],
-    }
+    # every client raises in the faults.rate=1 cells: no usable reply, the failure policy stops
+    # their training (status failed), the others finish (one worker: the parallel path is the
+    # kill test's)
+    scenario = {**TINY, "attacks": [{"name": "idlg", "iterations": 1, "evaluations_per_step": 5}]}
     path = write_sweep(
         tmp_path,
         scenario=scenario,
         workers=1,
         seeds=[3],
-        axes={"federation.strategy": ["fedavg", "fedadam"], "defenses.0.keep_fraction": [1.0, 0.5]},
+        axes={"faults.rate": [0.0, 1.0], "defenses.0.keep_fraction": [1.0, 0.5]},
     )
     code, out, err = run_cli("sweep", path)
     assert code == 1, (out, err)
-    assert out.count("failed") >= 2 and "changes the average before the DP noise" in out
+    assert out.count("failed") >= 2 and "training failed: round 1: 0 usable replies of 4" in out
 
     table = load_results(tmp_path / "out" / "s")
     assert len(table) == 4
     assert table["status"].tolist() == ["done", "done", "failed", "failed"]
-    assert table["federation.strategy"].tolist() == ["fedavg", "fedavg", "fedadam", "fedadam"]
+    assert table["faults.rate"].tolist() == [0.0, 0.0, 1.0, 1.0]
     assert table["defenses.0.keep_fraction"].tolist() == [1.0, 0.5, 1.0, 0.5]
     for column in (
         "seed",
@@ -321,7 +330,8 @@ def test_results_table_failures_and_retry(tmp_path: Path) -> None:
         assert row["wall_time_s"] > summary["training"]["wall_time_s"]
     assert table.loc[table["status"] == "failed", "final_test_accuracy"].isna().all()
     error = (Path(table.loc[2, "run_dir"]) / "error.txt").read_text()
-    assert "changes the average before the DP noise" in error
+    assert error.startswith("training failed: round 1: 0 usable replies of 4") and error.count("\n") == 1
+    assert (Path(table.loc[2, "run_dir"]) / "summary.json").exists()  # failed even with a summary
 
     parquet = pd.read_parquet(tmp_path / "out" / "s" / "results.parquet")
     pd.testing.assert_frame_equal(parquet, table)
@@ -334,13 +344,14 @@ def test_results_table_failures_and_retry(tmp_path: Path) -> None:
     }
     code, out, err = run_cli("sweep", path)
     assert code == 1 and "4 cells (2 already done)" in out, (out, err)
+    assert "training failed earlier (round 1: " in (Path(table.loc[2, "run_dir"]) / "log.txt").read_text()
     # drop the failing setting: the cells left are the finished ones, nothing runs
     fixed = write_sweep(
         tmp_path,
         scenario=scenario,
         workers=1,
         seeds=[3],
-        axes={"federation.strategy": ["fedavg"], "defenses.0.keep_fraction": [1.0, 0.5]},
+        axes={"faults.rate": [0.0], "defenses.0.keep_fraction": [1.0, 0.5]},
     )
     code, out, err = run_cli("sweep", fixed)
     assert code == 0 and "2 cells (2 already done)" in out, (out, err)

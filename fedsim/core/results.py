@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -197,11 +198,18 @@ class RunDirectory:
 
     @property
     def failure(self) -> str | None:
-        """Why training stopped early under the failure policy (training.json), else None."""
+        """Why training stopped before its last round under the failure policy (training.json's
+        `reason`: status failed, or diverged when every failure was a NaN update), else None."""
         if not self.training_done:
             return None
         record = read_record(self.training_path)
-        return str(record.get("reason")) if record.get("status") == FAILED else None
+        return str(record["reason"]) if record.get("status") in (FAILED, DIVERGED) and "reason" in record else None
+
+    @property
+    def needs_training(self) -> bool:
+        """Whether a resume must train: never finished, or stopped early by the failure policy
+        (a failure may be transient, e.g. a timeout; a failed run is not a finished one)."""
+        return not self.training_done or self.failure is not None
 
     def require(self) -> RunDirectory:
         """This run directory, or a UserError if it is not one."""
@@ -236,8 +244,12 @@ class RunDirectory:
             )
 
     def reset_training(self) -> None:
-        """Forget a half-done training (a killed run) so it restarts cleanly."""
-        self.metrics_path.unlink(missing_ok=True)
+        """Forget a half-done training (a killed run) or a failed one, and what was computed
+        from it, so it restarts cleanly."""
+        for path in (self.metrics_path, self.training_path, self.summary_path):
+            path.unlink(missing_ok=True)
+        if self.attacks_dir.exists():
+            shutil.rmtree(self.attacks_dir)
         for directory in (self.observations_dir, self.ground_truth_dir):
             for path in sorted(directory.rglob("*"), reverse=True) if directory.exists() else []:
                 path.rmdir() if path.is_dir() else path.unlink()

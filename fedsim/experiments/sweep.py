@@ -2,9 +2,12 @@
 
 Cells run in worker processes (spawned, one torch thread each, `workers` at a time) or, with
 `ray_address`, as tasks on an existing Ray cluster. A cell is finished when its summary.json
-exists. Rerunning the same sweep skips finished cells and hands the others to
-`fedsim.pipeline.runner.run_scenario`, which resumes per stage: a half-done training restarts cleanly,
-finished attacks are kept. Nothing is written twice at once: on Linux the workers die with
+exists and it has no error.txt (written when it raised, or when the failure policy stopped its
+training). Rerunning the same sweep skips finished cells and hands the others to
+`fedsim.pipeline.runner.run_scenario`, which resumes per stage: a half-done or failed training
+restarts cleanly, finished attacks are kept. A cell that validation refuses (e.g. central DP
+with fedadam) refuses the whole sweep when it is loaded, before anything runs: it could never
+succeed, so it is no failure to retry. Nothing is written twice at once: on Linux the workers die with
 the sweep process (PR_SET_PDEATHSIG), and lock files keep a second sweep out of the sweep
 directory and any process out of a cell another one is still writing.
 
@@ -116,15 +119,17 @@ def run_cell(raw_scenario: dict[str, Any], run_dir: str) -> str | None:
         scenario = build_scenario(raw_scenario)
         prepare_run_directory(scenario, root)  # scenario.yaml before the log: a fedsim run
         with cell_log(root / LOG) as console:
-            try:
-                run_scenario(scenario, root, console)
-            except Exception as err:  # the sweep goes on; the cell is retried on the next run
+            try:  # on an error or a failed training the sweep goes on; the next run retries it
+                failure = run_scenario(scenario, root, console).failure
+                message = None if failure is None else f"training failed: {failure}"
+            except Exception as err:
                 console.print(traceback.format_exc(), markup=False, highlight=False)
                 message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-                message = (message.splitlines() or [type(err).__name__])[0]
+                message = message or type(err).__name__
+            if message is not None:
+                message = message.splitlines()[0]
                 atomic_write_bytes(root / ERROR_FILE, f"{message}\n".encode())
-                return message
-    return None
+    return message
 
 
 def init_worker(sweep_pid: int) -> None:

@@ -72,9 +72,11 @@ UNITS = tuple(f"{column}_unit" for column in PRIVACY)
 
 
 def run_status(run_dir: Path) -> str:
-    if RunDirectory(run_dir).summary_path.is_file():
-        return "done"
-    return "failed" if (run_dir / ERROR_FILE).is_file() else "pending"
+    """failed (error.txt: it raised, or the failure policy stopped its training, even with a
+    summary), done (summary.json) or pending."""
+    if (run_dir / ERROR_FILE).is_file():
+        return "failed"
+    return "done" if RunDirectory(run_dir).summary_path.is_file() else "pending"
 
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:

@@ -221,5 +221,6 @@ def main(grid: Grid, context: Context) -> None:
     """Entry for `flwr run .`: run config keys `scenario` (a file) and optional `run-dir`."""
     scenario = load_scenario(Path(str(context.run_config["scenario"])))
     run = prepare_run_directory(scenario, str(context.run_config.get("run-dir", "")) or None)
-    if not run.training_done:
+    if run.needs_training:
+        run.reset_training()
         serve(grid, scenario, run)

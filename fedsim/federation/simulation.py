@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable
@@ -45,6 +46,7 @@ from fedsim.core.config import Scenario
 from fedsim.core.errors import UserError
 from fedsim.core.results import RunDirectory
 from fedsim.core.seeding import SECRET_KEY, client_secret
+from fedsim.federation.faults import FAULT_REASON
 from fedsim.federation.server import RoundCallback, make_server_app, serve
 from fedsim.federation.cohort.engine import VectorizedGrid
 
@@ -213,13 +215,40 @@ def run_ray(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | Non
         )
 
 
+FLOWER_GENERIC_ERROR = "An exception was raised when processing a message by"
+FAULT_LINE = re.compile(re.escape(FAULT_REASON) + r": \w+ \(client \d+, round \d+\)")
+
+
+class OneLineFaults(logging.Filter):
+    """A seeded `raise` fault as one line naming its client and round, not Flower's flood.
+
+    Flower's Ray engine logs every exception a ClientApp raises three times (a generic line,
+    the Ray task error and the driver's traceback: about 45 lines a client). For a fault, which
+    the scenario asked for, the traceback says nothing: the line "client failed: fedsim fault:
+    raise (client C, round R)" is kept and the rest dropped. A real client error keeps its
+    traceback (the generic line, which always precedes it, is dropped).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith(FLOWER_GENERIC_ERROR):
+            return False
+        fault = FAULT_LINE.search(text)
+        if fault is None:
+            return True
+        if text.startswith("Traceback"):
+            return False
+        record.msg, record.args = f"client failed: {fault.group(0)}", ()
+        return True
+
+
 def quiet_flower() -> None:
     """Hand Flower's log records to Python logging, warnings and errors only.
 
     Flower logs every message at INFO through its own console handler (the whole scenario,
     each round, and once more through the root logger in a notebook); fedsim reports its own
     progress. Where the warnings go is then the application's logging configuration (the
-    CLI's, a sweep cell's log file, or a notebook's).
+    CLI's, a sweep cell's log file, or a notebook's). A fault's error is one line (`OneLineFaults`).
     """
     from flwr.common.logger import console_handler
 
@@ -227,6 +256,8 @@ def quiet_flower() -> None:
     flower.removeHandler(console_handler)
     flower.setLevel(logging.WARNING)
     flower.propagate = True
+    if not any(isinstance(f, OneLineFaults) for f in flower.filters):
+        flower.addFilter(OneLineFaults())
 
 
 def run_federation(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:

@@ -73,12 +73,17 @@ def run_scenario(scenario: Scenario, run_dir: str | Path | None = None, console:
     federated_data(scenario.data, scenario.public().seed)  # data that cannot load leaves no directory
     with locked_run_directory(scenario, run_dir) as run:
         console.print(f"[bold]fedsim[/] {scenario.name} -> {run.root}")
-        if run.training_done:
+        if not run.needs_training:
             console.print("training already finished; skipping to attacks")
         else:
+            if run.failure is not None:
+                console.print(f"training failed earlier ({run.failure}); training again")
             run.reset_training()
             train(scenario, run, console)
-        attack_run(run, scenario, scenario.attacks, console)
+        if run.failure is None:
+            attack_run(run, scenario, scenario.attacks, console)
+        elif scenario.attacks:  # no final model, and the rounds it recorded may not be all
+            console.print(f"training failed ({run.failure}); attacks skipped until a rerun trains it")
         summary = write_summary(run, scenario)
     console.print(summary_table(summary))
     return run
@@ -105,6 +110,8 @@ def round_line(record: dict[str, Any], scenario: Scenario) -> str:
     ]
     for entry in record.get("privacy", []):
         parts.append(f"eps {entry['epsilon']:.2f} ({entry['kind']}, {entry['key']})")
+    if record.get("failures"):  # dropped before aggregation (the scenario's failure policy)
+        parts.append("failed: " + ", ".join(f"{kind} {clients}" for kind, clients in record["failures"].items()))
     parts.append(f"{record['elapsed_s']:.1f} s")
     return "  ".join(parts)
 
@@ -348,7 +355,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         if training.get(key) is not None:
             table.add_row(key.replace("_", " "), f"{training[key]:.3f}")
     for entry in summary["privacy"]:
-        table.add_row(f"epsilon ({entry['unit']})", f"{entry['epsilon']:.3f}")
+        epsilon = entry["epsilon"]  # null: infinite (noise 0, clipping only)
+        table.add_row(f"epsilon ({entry['unit']})", "inf" if epsilon is None else f"{epsilon:.3f}")
     for name, scores in summary["attacks"].items():
         table.add_row(
             f"{name} ({scores['targets']} targets)",
