@@ -86,3 +86,11 @@ def test_judge_recognises_originals_not_noise(tmp_path) -> None:
     assert scores["recognised"] == scores["recognised_truth"] == 1.0
     constant = score_images(torch.full_like(truth, 0.5), truth, labels, labels, judge)
     assert constant["recognised"] == 0.5  # one class for every copy of the same image
+
+
+def test_feature_reconstructions_leak_well_above_the_mean_input() -> None:
+    """No image to judge (a vqc's features): 10 dB above the mean-input baseline is a leak."""
+    quantum = {"psnr": 83.2, "feature_error": 1.0e-4, "baseline_psnr": 11.7, "label_error": 0.0}
+    assert leaks(quantum) == ["features: PSNR 83.2 dB (error 0.0001) vs mean input 11.7 dB"]
+    assert leaks({**quantum, "psnr": 21.6}) == []  # 9.9 dB above: not a tenth of the error
+    assert leaks({**quantum, "ssim": 0.2}) == []  # images are judged by SSIM counts instead

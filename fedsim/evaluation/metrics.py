@@ -119,6 +119,9 @@ MODEL_INVERSION_BASELINES = ("public_baseline_top1", "mean_image_baseline_top1")
 """Model-inversion top-1 rates an attack must beat besides chance: the public images the
 target is surest of (zero effort), and the mean public image (zero knowledge)."""
 MEMBERSHIP_LEAK_AUC = 0.6
+FEATURE_LEAK_DB = 10.0
+"""Feature reconstructions (no image to judge) this many dB above the mean-input baseline's
+PSNR, i.e. with a tenth of its squared error or less, are flagged as a leak."""
 """A membership AUC at least this (chance: 0.5) is flagged as a leak."""
 
 JUDGE = EvaluationParams(model={"name": "convnet", "width": 16}, epochs=10, batch_size=32, lr=1e-3)
@@ -307,6 +310,12 @@ def leaks(scores: dict[str, Any]) -> list[str]:
         floor = max(chance_top1, *(scores.get(key) or 0.0 for key in MODEL_INVERSION_BASELINES))
         if top1 >= floor + LEAK_MARGIN:
             found.append(f"class features: top-1 {top1:.2f} vs zero-knowledge {floor:.2f}")
+    if "feature_error" in scores and "baseline_psnr" in scores and "ssim" not in scores:
+        if scores["psnr"] >= scores["baseline_psnr"] + FEATURE_LEAK_DB:
+            found.append(
+                f"features: PSNR {scores['psnr']:.1f} dB (error {scores['feature_error']:.2g}) "
+                f"vs mean input {scores['baseline_psnr']:.1f} dB"
+            )
     if scores.get("auc", 0) >= MEMBERSHIP_LEAK_AUC:
         found.append(f"membership: AUC {scores['auc']:.3f} vs chance 0.5")
     return found
