@@ -67,6 +67,24 @@ def largest_clusters(candidates: Tensor, count: int, tolerance: float) -> tuple[
     return torch.stack(found), torch.tensor(sizes)
 
 
+def exact_reconstruction(
+    attack: GradientAttack, target: GradientTarget, images: Tensor, details: dict[str, object]
+) -> Reconstruction:
+    """The Reconstruction of an analytic attack: recovered rows as images plus inferred labels.
+
+    Shared by `analytic_fc` and `imprint` so both seed label inference and report it the same way.
+    """
+    images = images.float().reshape(-1, *target.input_shape)
+    generator = torch_generator(attack.seed, "label-inference", target.server_round, target.client)
+    labels, method = infer_labels(target, mean_step_gradient(target), len(images), generator, attack.name)
+    return Reconstruction(
+        images=images.clamp(0, 1),
+        labels=labels,
+        attack_loss=0.0,
+        details={**details, "labels": method, "objective_evaluations": 0},
+    )
+
+
 class AnalyticParams(BaseModel):
     """Settings of the analytic recovery."""
 
@@ -101,13 +119,5 @@ class AnalyticFC(GradientAttack):
             raise UserError(f"attack '{self.name}': the update of layer '{layer}' is zero; nothing to recover")
         count = self.params.images or max(1, min(target.num_examples, target.local_steps * target.batch_size))
         found, sizes = largest_clusters(candidates, count, self.params.tolerance)
-        images = found.float().reshape(-1, *target.input_shape)
-        generator = torch_generator(self.seed, "label-inference", target.server_round, target.client)
-        labels, method = infer_labels(target, mean_step_gradient(target), len(images), generator, self.name)
-        return Reconstruction(
-            images=images.clamp(0, 1),
-            labels=labels,
-            attack_loss=0.0,
-            details={"layer": layer, "rows_used": len(rows), "cluster_sizes": sizes.tolist(),
-                     "labels": method, "objective_evaluations": 0},
-        )  # fmt: skip
+        details = {"layer": layer, "rows_used": len(rows), "cluster_sizes": sizes.tolist()}
+        return exact_reconstruction(self, target, found, details)

@@ -26,9 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from fedsim.attacks.analytic_fc import input_layer
-from fedsim.attacks.gradient_matching import mean_step_gradient
-from fedsim.attacks.label_inference import infer_labels
+from fedsim.attacks.analytic_fc import exact_reconstruction, input_layer
 from fedsim.core.attack import GradientAttack, GradientTarget, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.malicious import MaliciousServer
@@ -126,13 +124,6 @@ class Imprint(GradientAttack, MaliciousServer):
         full = bias_diff.abs() > self.params.threshold * bias_diff.abs().max().clamp_min(1e-30)
         if not full.any():
             raise UserError(f"attack '{self.name}': no bin of layer '{layer}' has a gradient; was the model crafted?")
-        images = (weight_diff[full] / bias_diff[full, None]).float().reshape(-1, *target.input_shape)
-        generator = torch_generator(self.seed, "label-inference", target.server_round, target.client)
-        labels, method = infer_labels(target, mean_step_gradient(target), len(images), generator, self.name)
-        return Reconstruction(
-            images=images.clamp(0, 1),
-            labels=labels,
-            attack_loss=0.0,
-            details={"layer": layer, "bins": bins, "bins_filled": int(full.sum()),
-                     "labels": method, "objective_evaluations": 0},
-        )  # fmt: skip
+        images = weight_diff[full] / bias_diff[full, None]
+        details = {"layer": layer, "bins": bins, "bins_filled": int(full.sum())}
+        return exact_reconstruction(self, target, images, details)

@@ -39,13 +39,30 @@ number of sketches), as an empty class's count is noise and its "average" unboun
 improved structures (its l1-distance tree, and its bounds for the Gaussian kernel) are not
 implemented: this is the random-feature sketch those results are compared with, plus the
 public projections; nor are its distance queries. docs/baselines.md says where it differs.
+
+What this was checked against. The paper's algorithm text is not reachable from the build
+machines (the stored copies, arXiv 2403.08917 / ICLR 2024, hold its abstract and first page
+only), so there is no step-by-step match with its pseudo-code. Checked instead, step -> code:
+  problem: release a DP structure answering sum_x f(x, y) for any y, f = exp(-||x-y||^2/s^2)
+    (the abstract's kernel)                                  -> `class_sums`, `KdeClassifier.forward`
+  classify by highest average similarity per class (abstract) -> `forward`: S_c[:D].phi(y) / S_c[D]
+  random features for that kernel: w ~ N(0, 2/s^2 I) (Rahimi & Recht: N(0, sigma^-2 I) for
+    exp(-||.||^2 / (2 sigma^2)), sigma^2 = s^2/2)             -> `frequencies` in `__init__`
+  unit-norm features, so one example moves the sketch by a known amount -> `feature_map`
+  noise vs sensitivity: L2 sqrt(2) (Gaussian, analytic calibration), L1 sqrt(D) + 1 (Laplace);
+    prior DP-KDE work (Wagner, Naamad, Mishra, ICML 2023, LSQ-RFF; its released code) adds
+    Laplace noise to the same kind of random-feature mean      -> `noise_scale`, `private_sketch`
+  public dimension reduction before the sketch (the abstract's "provable dimensionality
+    reduction"; JL, or PCA on public classes)                -> `projection`, `fit_public`
+The tests in tests/test_baselines.py pin each row with numbers (sketch vs exact kernel sum,
+unit norm, noise std vs sensitivity, shares summing to the full noise, Laplace edge draw).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -95,6 +112,15 @@ class KdeClassifier(nn.Module):
             if self.projection is not None and self.pca is not None:
                 raise ValueError("set at most one of projection (random) and pca (public classes)")
             return self
+
+    @classmethod
+    def check_scenario(cls, params: Params, scenario: Any) -> None:
+        """Refuse `pca` without public classes at validate, before any data is loaded."""
+        if params.pca is not None and not scenario.data.public_classes:
+            raise ValueError(
+                f"model.pca={params.pca} is fitted on public examples, but data.public_classes is "
+                "empty; set data.public_classes (e.g. [8, 9]) or drop model.pca"
+            )
 
     def __init__(self, params: Params, input_shape: Sequence[int], num_classes: int) -> None:
         super().__init__()
@@ -205,9 +231,9 @@ def noise_share(shape: torch.Size, params: DpKdeParams, scale: float, shares: in
     the clients' shares is Laplace(b) exactly. shares = 1 is the whole noise."""
     if params.mechanism == "gaussian":
         return torch.normal(0.0, scale / math.sqrt(shares), size=shape, generator=generator)
-    if shares == 1:
-        uniform = torch.rand(shape, generator=generator) - 0.5
-        return -scale * uniform.sign() * torch.log1p(-2 * uniform.abs())
+    if shares == 1:  # inverse CDF on u in (-1, 1): u = -1 (rand() = 0, p = 2^-24) would give -inf
+        uniform = (2 * torch.rand(shape, generator=generator) - 1).clamp_min(torch.finfo(torch.float32).eps - 1)
+        return -scale * uniform.sign() * torch.log1p(-uniform.abs())
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     gamma = np.random.default_rng(seed).gamma(1.0 / shares, scale, size=(2, *shape))
     return torch.from_numpy(gamma[0] - gamma[1]).to(torch.float32)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from scipy.stats import norm
 
@@ -206,6 +207,14 @@ def test_secure_noise_shares_sum_to_the_full_noise(mechanism: str) -> None:
     assert float(one.std()) == pytest.approx(expected_std / math.sqrt(5), rel=0.02)  # one share alone: less
 
 
+def test_laplace_noise_is_finite_at_the_uniform_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = dp_kde.DpKdeParams(mechanism="laplace")
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None: torch.zeros(shape))  # the edge draw
+    noise = dp_kde.noise_share(torch.Size([3]), params, 2.0, 1, torch.Generator())
+    eps = torch.finfo(torch.float32).eps
+    assert torch.allclose(noise, torch.full((3,), 2.0 * math.log(eps)), rtol=1e-3)  # -31.9, not -inf
+
+
 def test_pca_map_is_fitted_on_public_examples() -> None:
     torch.manual_seed(0)
     axis = torch.tensor([0.6, 0.8, 0.0])
@@ -219,6 +228,19 @@ def test_pca_map_is_fitted_on_public_examples() -> None:
         dp_kde.KdeClassifier(params, (3,), 2).fit_public(torch.zeros(0, 3))
     with pytest.raises(ValueError, match="at most one"):
         dp_kde.KdeClassifier.Params(projection=2, pca=2)
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_pca_without_public_classes_is_refused_before_any_run(tmp_path, command: str) -> None:
+    from cli_helpers import run_cli
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**KDE_SCENARIO, "model": {"name": "kde", "features": 64, "pca": 8}}))
+    code, out, err = run_cli(command, path, "--set", f"output.dir={tmp_path / 'runs'}")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "model.pca=8" in err and "data.public_classes" in err and "drop model.pca" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_secure_pca_federation_sums_shares(tmp_path) -> None:
