@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from fedsim.core.defense import LocalTraining, PrivacyUnit, PrivateSteps, TrainTimeDefense
 from fedsim.core.errors import UserError
 from fedsim.core.registry import DEFENSES
+from fedsim.core.seeding import derive_seed
 
 if TYPE_CHECKING:  # Opacus is imported where it is used: validating a scenario needs only Params
     from opacus import PrivacyEngine
@@ -225,7 +226,7 @@ class DpSgd(TrainTimeDefense):
             engine = PrivacyEngine(accountant=p.accountant, secure_mode=p.secure_mode)
         except ImportError as err:
             raise UserError(f"dp_sgd.secure_mode: {err}") from None
-        engine.accountant.history = [tuple(entry) for entry in state.get(HISTORY_KEY, [])]
+        engine.accountant.history = stored_history(state)
         probe = _probe_inputs(loader).to(next(model.parameters()).device)
         expected = _batch_gradients(model, probe)
         self._mode = resolve_mode(p.grad_sample_mode, model)
@@ -274,12 +275,16 @@ class DpSgd(TrainTimeDefense):
 
     def finish(self, state: dict[str, Any]) -> dict[str, float]:
         """Store the accountant history in `state`, detach Opacus, report the epsilon so far."""
-        history = [list(entry) for entry in self._engine.accountant.history]
-        state[HISTORY_KEY] = history
+        report = self._store_history(state, self._engine.accountant.history)
         self._memory.close()
         self._model.cleanup()  # removes Opacus's hooks, so the plain model can be wrapped again
         self._engine = self._model = self._optimizer = self._memory = None
-        return {"epsilon": history_epsilon(history, self.params.accountant, self.params.delta)}
+        return report
+
+    def _store_history(self, state: dict[str, Any], history: list[tuple[float, float, int]]) -> dict[str, float]:
+        """Keep the accountant `history` in the client's `state`; the epsilon so far."""
+        state[HISTORY_KEY] = [list(entry) for entry in history]
+        return {"epsilon": history_epsilon(state[HISTORY_KEY], self.params.accountant, self.params.delta)}
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         from opacus.grad_sample import AbstractGradSampleModule
@@ -318,11 +323,10 @@ class DpSgd(TrainTimeDefense):
 
         def record(state: dict[str, Any]) -> dict[str, float]:
             accountant = create_accountant(p.accountant)
-            accountant.history = [tuple(entry) for entry in state.get(HISTORY_KEY, [])]
+            accountant.history = stored_history(state)
             for _ in batches:
                 accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-            state[HISTORY_KEY] = [list(entry) for entry in accountant.history]
-            return {"epsilon": history_epsilon(state[HISTORY_KEY], p.accountant, p.delta)}
+            return self._store_history(state, accountant.history)
 
         expected_batch_size = int(n * sample_rate)  # as Opacus's make_private computes it
         return PrivateSteps(batches, p.max_grad_norm, noise_multiplier, expected_batch_size, noise, record)
@@ -355,8 +359,6 @@ def _add_gradient_canaries(
     before Opacus adds the noise, in either mode: each is a per-example gradient of norm C on
     one coordinate, sampled into each step with the examples' rate, as a real example's
     clipped gradient would be; so the accountant's epsilon covers each canary too."""
-    from fedsim.core.seeding import derive_seed
-
     params = list(model.parameters())
     if not all(q.requires_grad for q in params):
         raise UserError("data.canaries.kind: gradient canaries need every model parameter trainable")
@@ -420,6 +422,11 @@ def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, st
         steps=steps,
         accountant=accountant,
     )
+
+
+def stored_history(state: dict[str, Any]) -> list[tuple[float, float, int]]:
+    """The accountant history a client's `state` keeps (empty before its first round)."""
+    return [tuple(entry) for entry in state.get(HISTORY_KEY, [])]
 
 
 def history_epsilon(history: list[list[float]], accountant: str, delta: float) -> float:

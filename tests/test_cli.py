@@ -156,6 +156,20 @@ def test_run_dir_holding_another_scenario_is_refused(trained: TrainedRun) -> Non
     assert (trained.root / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_run_dir_of_an_older_fedsim_resumes_and_takes_todays_form(trained: TrainedRun, run_copy: Path) -> None:
+    """A scenario.yaml written before fedsim gained a section (here `faults`, all defaults) is
+    the same scenario: the run resumes (nothing retrained) and the file is rewritten whole."""
+    scenario_path = run_copy / "scenario.yaml"
+    today = scenario_path.read_text()
+    older = yaml.safe_load(today)
+    del older["faults"]
+    scenario_path.write_text(yaml.safe_dump(older, sort_keys=False))
+    code, out, err = run_cli("run", trained.scenario, "--run-dir", run_copy)
+    assert (code, err) == (0, ""), out
+    assert "training already finished" in out and "round " not in out
+    assert scenario_path.read_text() == today
+
+
 def test_attack_idlg_on_batched_updates_is_a_one_line_error(run_copy: Path) -> None:
     line = one_line_error(*run_cli("attack", run_copy, "--attack", "idlg"))
     assert "attack 'idlg' needs batch size 1" in line and "batch_size=16" in line

@@ -324,7 +324,7 @@ def prepare_run_directory(scenario: Scenario, run_dir: str | Path | None = None)
     run = RunDirectory(new_run_root(scenario) if run_dir is None else run_dir)
     run.refuse_foreign()
     if run.scenario_path.exists():
-        if run.scenario_path.read_bytes() != scenario.to_yaml().encode():
+        if not holds_scenario(run, scenario):
             raise UserError(
                 f"'{run.root}' holds a different scenario; pick another --run-dir "
                 "or use `fedsim attack` to attack an existing run"
@@ -334,6 +334,24 @@ def prepare_run_directory(scenario: Scenario, run_dir: str | Path | None = None)
     if new_default:
         link_latest(run.root)
     return run
+
+
+def holds_scenario(run: RunDirectory, scenario: Scenario) -> bool:
+    """Whether `run`'s scenario.yaml is `scenario`: the same text, or a file written before
+    fedsim gained a field that reads back as `scenario` with today's defaults (then rewritten
+    in today's form, so a run or cache of an older fedsim resumes)."""
+    text = scenario.to_yaml().encode()
+    if run.scenario_path.read_bytes() == text:
+        return True
+    from fedsim.core.config import build_scenario, read_yaml  # config is above results
+
+    try:
+        same = build_scenario(read_yaml(run.scenario_path)).to_yaml().encode() == text
+    except UserError:
+        return False
+    if same:
+        atomic_write_bytes(run.scenario_path, text)
+    return same
 
 
 @contextmanager

@@ -33,9 +33,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
-from fedsim.core.config import CanaryConfig, ObserverConfig, Scenario, build_scenario, read_yaml
+from fedsim.core.config import CanaryConfig, ObserverConfig, Scenario
 from fedsim.core.errors import UserError
-from fedsim.core.results import RunDirectory, atomic_write_bytes, prepare_run_directory
+from fedsim.core.results import RunDirectory, holds_scenario, prepare_run_directory
 from fedsim.core.seeding import derive_seed
 from fedsim.data.datasets import FederatedData, federated_data
 from fedsim.federation.simulation import run_federation
@@ -100,24 +100,13 @@ def shadow_scenario(scenario: Scenario, index: int, train_pool: list[int]) -> Sc
 
 
 def shadow_directory(root: Path, shadow: Scenario, console: Console) -> RunDirectory:
-    """The cache directory `root` for `shadow`, made ready for `prepare_run_directory`.
-
-    A cached scenario.yaml that differs from `shadow`'s text but reads back (with today's
-    defaults for fields added since it was written) as the same scenario is rewritten in
-    today's form and its model kept; one that holds another scenario (other examples, an
-    older shadow recipe, fields since removed) is deleted, so the shadow is retrained."""
+    """The cache directory `root` for `shadow`: one that holds another scenario (other
+    examples, an older shadow recipe) is deleted, so the shadow is trained again; one written
+    by an older fedsim that reads back as `shadow` is kept (`holds_scenario`)."""
     cached = RunDirectory(root)
-    text = shadow.to_yaml()
-    if cached.scenario_path.is_file() and cached.scenario_path.read_bytes() != text.encode():
-        try:
-            same = build_scenario(read_yaml(cached.scenario_path)).to_yaml() == text
-        except UserError:
-            same = False
-        if same:
-            atomic_write_bytes(cached.scenario_path, text.encode())
-        else:
-            console.print(f"{root} holds another shadow scenario (an older fedsim's?): training it again")
-            shutil.rmtree(root)
+    if cached.scenario_path.is_file() and not holds_scenario(cached, shadow):
+        console.print(f"{root} holds another shadow scenario (an older fedsim's?): training it again")
+        shutil.rmtree(root)
     return prepare_run_directory(shadow, root)
 
 
