@@ -12,6 +12,9 @@ Every method sees the same federation: digits (8x8 pixels in [0, 1]), classes 8 
   of the public classes' images, fitted by the server (same bandwidth);
 - the same with `aggregation: secure`: each client adds 1/10 of the noise, so only the sum of
   the 10 sketches carries it (epsilon against a server that sees only the sum);
+- `dp_kde` over the `distance` model (DP distance queries, `defenses/dp_distance.py`): the
+  class of smallest DP average l1 distance (tree of depth 3 per pixel), l2 distance (l1 tree
+  on 64 public Gaussian projections) or squared l2 distance, same release and sum;
 - DP-SGD: fedsim FedAvg run, MLP (64-32-8), Opacus DP-SGD with `target_epsilon` after all
   rounds (PRV accountant), 5 rounds of one local epoch, batch 16, lr 0.5, clip 1 (one seed:
   each run takes ~0.5 min on 2 shared CPUs; the sketches are averaged over `--seeds`).
@@ -21,6 +24,8 @@ rows are the sketch at epsilon 1e6 and FedAvg without DP-SGD. Prints a markdown 
 
     python benchmarks/dp_kde.py                       # the table in docs/baselines.md
     python benchmarks/dp_kde.py --only raw jl pca secure  # the dp_kde rows (seconds)
+    python benchmarks/dp_kde.py --only l1 l2 l2sq      # the distance rows
+    python benchmarks/dp_kde.py --only l1 --epsilons 8 --levels 1   # another tree depth
     python benchmarks/dp_kde.py --epsilons 1 --seeds 1
 """
 
@@ -59,6 +64,13 @@ def kde_spec(epsilon: float | None, seed: int, aggregation: str = "per_client", 
             "federation": {"strategy": strategy, "rounds": 1}}
 
 
+def distance_spec(epsilon: float | None, seed: int, metric: str, levels: int) -> dict[str, Any]:
+    """A dp_kde federation over the `distance` model (pixels already in [0, 1], its default domain)."""
+    strategy = {"name": "dp_kde", "epsilon": epsilon if epsilon is not None else 1e6}
+    return {"name": "distance", "seed": seed, "model": {"name": "distance", "metric": metric, "levels": levels},
+            "federation": {"strategy": strategy, "rounds": 1}}
+
+
 def dpsgd_spec(epsilon: float | None, seed: int) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": "dpsgd", "seed": seed, "model": {"name": "mlp", "hidden": [64, 32]},
@@ -74,7 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the dp_kde rows")
-    parser.add_argument("--only", nargs="+", choices=["raw", "jl", "pca", "secure", "dpsgd"], help="rows to run (default: all)")
+    parser.add_argument("--only", nargs="+", choices=["raw", "jl", "pca", "secure", "l1", "l2", "l2sq", "dpsgd"], help="rows to run (default: all)")
+    parser.add_argument("--levels", type=int, default=3, help="tree depth of the l1 and l2 distance rows")
     parser.add_argument("--dpsgd-seeds", type=int, default=1, help="seeds of the DP-SGD row")
     args = parser.parse_args()
     set_threads(1)
@@ -85,6 +98,9 @@ def main() -> None:
         "pca": ("dp_kde + public-class PCA-16 (fedsim)", lambda e, s, out: fedsim_run(kde_spec(e, s, pca=16), out)),
         "secure": ("dp_kde + PCA-16, secure sum (noise split over 10 clients)",
                    lambda e, s, out: fedsim_run(kde_spec(e, s, "secure", pca=16), out)),
+        **{metric: (f"dp_kde over DP {metric} distance queries (fedsim)",
+                    lambda e, s, out, metric=metric: fedsim_run(distance_spec(e, s, metric, args.levels), out))
+           for metric in ("l1", "l2", "l2sq")},
         "dpsgd": ("DP-SGD MLP, FedAvg 5 rounds (fedsim)", lambda e, s, out: fedsim_run(dpsgd_spec(e, s), out)),
     }
     epsilons: list[float | None] = [*args.epsilons, None]

@@ -36,9 +36,10 @@ does not run it. The sum goes into the global `kde` model, which scores a query 
 (S_c[:D] . phi(y)) / S_c[D] per class, leaving out classes whose noised count S_c[D] is
 below 3 stds of its noise (public: from epsilon, delta and the
 number of sketches), as an empty class's count is noise and its "average" unbounded. The paper's
-improved structures (its l1-distance tree, and its bounds for the Gaussian kernel) are not
-implemented: this is the random-feature sketch those results are compared with, plus the
-public projections; nor are its distance queries. docs/baselines.md says where it differs.
+improved kernel structures (its bounds for the Gaussian kernel) are not implemented: this is
+the random-feature sketch those results are compared with, plus the public projections. Its
+distance queries are `defenses.dp_distance`, another `SimilaritySketch` released by the same
+strategy. docs/baselines.md says where it differs.
 
 What this was checked against. The paper's algorithm text is not reachable from the build
 machines (the stored copies, arXiv 2403.08917 / ICLR 2024, hold its abstract and first page
@@ -61,8 +62,9 @@ unit norm, noise std vs sensitivity, shares summing to the full noise, Laplace e
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -83,14 +85,84 @@ RELEASED_STATE = "fedsim.dp_kde"
 EPSILON_METRIC = "kde_epsilon"
 SKETCH = "sketch"
 MIN_COUNT = "min_count"
+SENSITIVITY = "row_sensitivity"
+COUNT_QUERY = "count_query"
 COUNT_THRESHOLD = 3.0  # noise stds a class count must exceed to be predicted
 Mechanism = Literal["gaussian", "laplace"]
 Aggregation = Literal["per_client", "secure"]
 
 
+class Sensitivity(NamedTuple):
+    """Largest L2 and L1 norm of one example's sketch row: what one add/remove can move."""
+
+    l2: float
+    l1: float
+
+
+class SimilaritySketch(nn.Module, ABC):
+    """A DP similarity structure that is a linear sketch: per class c the sum S_c of one row
+    psi(x) per private example (its last entry 1, so S_c's last entry counts them), answering
+
+        F_c(y) = sum_{x in X_c} f(x, y) = query(y) . S_c      (linear in the sketch),
+
+    and classifying y by the best average F_c(y) / count_c. Because F is linear in S, the
+    noised sketch S_c + noise answers every query y with noise of the release's scale and no
+    further privacy cost (post-processing). Subclasses give `rows` (psi), `query`, whether a
+    larger F is closer (`larger_is_closer`: kernels yes, distances no) and psi's public
+    sensitivities (`Sensitivity`: the largest L2 and L1 norm of one row; adding or removing
+    one example moves one class's row sum by exactly its row). The class count is read as
+    count_c = w . S_c, w the `count_query` (default: the last entry alone; a structure whose
+    rows count examples several times averages those counts, for a count with noise std
+    sigma ||w||_2 instead of sigma).
+    """
+
+    larger_is_closer: ClassVar[bool]
+
+    def __init__(self, num_classes: int, width: int, sensitivity: Sensitivity, count_query: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer(SKETCH, torch.zeros(num_classes, width))
+        self.register_buffer(MIN_COUNT, torch.ones(()))
+        # public, and sent with the model so the server calibrates its count floor from it
+        self.register_buffer(SENSITIVITY, torch.tensor(sensitivity, dtype=torch.float64))
+        if count_query is None:  # the count entry alone
+            count_query = torch.zeros(width).index_fill_(0, torch.tensor([width - 1]), 1.0)
+        self.register_buffer(COUNT_QUERY, count_query)
+
+    def sensitivity(self) -> Sensitivity:
+        """Largest L2 and L1 norm of one row psi(x)."""
+        return Sensitivity(*getattr(self, SENSITIVITY).tolist())
+
+    @abstractmethod
+    def rows(self, x: Tensor) -> Tensor:
+        """psi(x) (B, width): one example's contribution to its class's sketch, last entry 1."""
+
+    @abstractmethod
+    def query(self, x: Tensor) -> Tensor:
+        """q(y) (B, width) with F_c(y) = q(y) . S_c."""
+
+    def similarity_sums(self, x: Tensor) -> Tensor:
+        """F_c(y) (B, C) from the (noised) sketch: the structure's answer to query y."""
+        return self.query(x) @ self.sketch.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Per class the estimated average F_c(y) / count_c, signed so that larger is closer; a
+        class whose noised count is below `min_count` (set by the server above the count's
+        noise level: no real examples told apart from noise) scores -1e4, never the argmax."""
+        counts = self.sketch @ self.count_query
+        kept = counts >= self.min_count
+        average = self.similarity_sums(x) / counts.clamp_min(self.min_count)
+        scores = average if self.larger_is_closer else -average
+        return scores.masked_fill(~kept, -1e4)
+
+
 @MODELS.register("kde")
-class KdeClassifier(nn.Module):
-    """Kernel-density classifier: average random-Fourier-feature similarity to each class's sketch."""
+class KdeClassifier(SimilaritySketch):
+    """Kernel-density classifier: average random-Fourier-feature similarity to each class's sketch.
+
+    psi(x) = (phi(x), 1) of the module doc, q(y) = (phi(y), 0): L2 sensitivity sqrt(2), L1 at
+    most sqrt(D) + 1 (phi has unit L2 norm)."""
+
+    larger_is_closer = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -123,7 +195,7 @@ class KdeClassifier(nn.Module):
             )
 
     def __init__(self, params: Params, input_shape: Sequence[int], num_classes: int) -> None:
-        super().__init__()
+        super().__init__(num_classes, params.features + 1, Sensitivity(math.sqrt(2.0), math.sqrt(params.features) + 1.0))
         dim = math.prod(input_shape)
         # Public randomness: every party builds the same maps from the scenario's public seed.
         if params.projection is not None:
@@ -137,8 +209,6 @@ class KdeClassifier(nn.Module):
             self.register_buffer("pca_components", torch.zeros(params.pca, dim))
             dim = params.pca
         self.register_buffer("frequencies", torch.randn(params.features // 2, dim) * math.sqrt(2.0) / params.bandwidth)
-        self.register_buffer(SKETCH, torch.zeros(num_classes, params.features + 1))
-        self.register_buffer(MIN_COUNT, torch.ones(()))
 
     def fit_public(self, x: Tensor) -> None:
         """Fit the `pca` map on public examples x (the server calls this on the initial model).
@@ -168,14 +238,13 @@ class KdeClassifier(nn.Module):
         angles = flat @ self.frequencies.T
         return torch.cat([angles.cos(), angles.sin()], 1) / math.sqrt(angles.shape[1])
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Per class: estimated average kernel value (S_c[:D] . phi(x)) / S_c[D]; a class whose
-        noised count S_c[D] is below `min_count` (set by the server above the count's noise
-        level: no real examples told apart from noise) scores -1e4, never the argmax."""
-        sums, counts = self.sketch[:, :-1], self.sketch[:, -1]
-        kept = counts >= self.min_count
-        scores = self.feature_map(x) @ sums.T / counts.clamp_min(self.min_count)
-        return scores.masked_fill(~kept, -1e4)
+    def rows(self, x: Tensor) -> Tensor:
+        features = self.feature_map(x)
+        return torch.cat([features, torch.ones(len(x), 1, dtype=features.dtype)], 1)
+
+    def query(self, x: Tensor) -> Tensor:
+        features = self.feature_map(x)
+        return torch.cat([features, torch.zeros(len(x), 1, dtype=features.dtype)], 1)
 
 
 class DpKdeParams(BaseModel):
@@ -194,33 +263,35 @@ class DpKdeParams(BaseModel):
     )
 
 
-def noise_scale(params: DpKdeParams, features: int) -> float:
-    """Gaussian std for L2 sensitivity sqrt(2), or Laplace scale for L1 sensitivity sqrt(D) + 1."""
+def noise_scale(params: DpKdeParams, sensitivity: Sensitivity) -> float:
+    """Gaussian std for the sketch's L2 sensitivity (analytic calibration), or Laplace scale
+    for its L1 sensitivity (KDE: sqrt(2), sqrt(D) + 1)."""
     if params.mechanism == "laplace":
-        return (math.sqrt(features) + 1.0) / params.epsilon
-    return analytic_gaussian_sigma(math.sqrt(2.0), params.epsilon, params.delta)
+        return sensitivity.l1 / params.epsilon
+    return analytic_gaussian_sigma(sensitivity.l2, params.epsilon, params.delta)
 
 
-def noise_std(params: DpKdeParams, features: int) -> float:
+def noise_std(params: DpKdeParams, sensitivity: Sensitivity) -> float:
     """Standard deviation of one noise entry (Laplace(b): sqrt(2) b)."""
-    scale = noise_scale(params, features)
+    scale = noise_scale(params, sensitivity)
     return scale * math.sqrt(2.0) if params.mechanism == "laplace" else scale
 
 
-def count_floor(params: DpKdeParams, features: int, noise_units: float) -> float:
+def count_floor(params: DpKdeParams, sensitivity: Sensitivity, count_norm: float, noise_units: float) -> float:
     """`min_count` for a sum of releases: 3 stds of the summed count noise (>= 1).
 
+    `count_norm`: ||w||_2 of the model's `count_query` (the count's noise std in entry stds);
     `noise_units`: the sum's noise variance in units of one full release's (the number of
     sketches; under `secure` each counts 1/cohort). Post-processing from public quantities
-    only (epsilon, delta, D, how many sketches)."""
-    return max(1.0, COUNT_THRESHOLD * noise_std(params, features) * math.sqrt(noise_units))
+    only (epsilon, delta, the sensitivities, the count query, how many sketches)."""
+    return max(1.0, COUNT_THRESHOLD * noise_std(params, sensitivity) * count_norm * math.sqrt(noise_units))
 
 
-def class_sums(model: KdeClassifier, x: Tensor, y: Tensor, num_classes: int) -> Tensor:
-    """(C, D+1): per class, sum of (phi(x), 1) over its examples (exact, no noise)."""
+def class_sums(model: SimilaritySketch, x: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """(C, width): per class, the sum of psi(x) over its examples (exact, no noise)."""
     with torch.no_grad():
-        rows = torch.cat([model.feature_map(x), torch.ones(len(x), 1)], 1)
-    return torch.zeros(num_classes, rows.shape[1]).index_add_(0, y, rows)
+        rows = model.rows(x)
+    return torch.zeros(num_classes, rows.shape[1], dtype=rows.dtype).index_add_(0, y, rows)
 
 
 def noise_share(shape: torch.Size, params: DpKdeParams, scale: float, shares: int, generator: torch.Generator) -> Tensor:
@@ -240,18 +311,20 @@ def noise_share(shape: torch.Size, params: DpKdeParams, scale: float, shares: in
 
 
 def private_sketch(
-    model: KdeClassifier,
+    model: SimilaritySketch,
     x: Tensor,
     y: Tensor,
     num_classes: int,
     params: DpKdeParams,
+    sensitivity: Sensitivity,
     generator: torch.Generator,
     shares: int = 1,
 ) -> Tensor:
     """`class_sums` plus iid noise on every entry (all C rows, empty classes too): the full
-    noise of `noise_scale`, or its 1/`shares` share (`noise_share`)."""
+    noise of `noise_scale` for `sensitivity` (the client's own, from the scenario: never one a
+    server sent), or its 1/`shares` share (`noise_share`)."""
     sums = class_sums(model, x, y, num_classes)
-    return sums + noise_share(sums.shape, params, noise_scale(params, sums.shape[1] - 1), shares, generator)
+    return sums + noise_share(sums.shape, params, noise_scale(params, sensitivity), shares, generator)
 
 
 @CLIENT_ACTIONS.register(ACTION)
@@ -263,13 +336,14 @@ def release(content: RecordDict, call: ClientCall) -> RecordDict:
     claim_release(call, RELEASED_STATE)
     params: DpKdeParams = call.setup.scenario.federation.strategy.params
     model = call.setup.new_model()
-    if not isinstance(model, KdeClassifier):
-        raise TypeError(f"strategy '{ACTION}' needs model 'kde'")
+    if not isinstance(model, SimilaritySketch):
+        raise TypeError(f"strategy '{ACTION}' needs a similarity-sketch model ('kde' or 'distance')")
+    own_sensitivity = model.sensitivity()  # from the scenario, not from what the server sends
     model.load_state_dict(content["arrays"].to_torch_state_dict())  # the server's public feature map
     data = call.train_data()
     num_classes = call.setup.data.num_classes
     shares = int(content["config"]["release-cohort"]) if params.aggregation == "secure" else 1
-    sketch = private_sketch(model, data.x, data.y, num_classes, params, call.generator("dp-kde-noise"), shares)
+    sketch = private_sketch(model, data.x, data.y, num_classes, params, own_sensitivity, call.generator("dp-kde-noise"), shares)
     metrics = call.private_metrics(
         {"num-examples": len(data), "partition-id": call.partition_id, EPSILON_METRIC: params.epsilon},
         frozenset({EPSILON_METRIC}),
@@ -311,7 +385,8 @@ class DpKdeServer(OneReleaseServer):
         self.noise_units += len(replies) / shares
         out = {name: a.numpy() for name, a in self.arrays.items()}
         out[SKETCH] = self.total.astype(out[SKETCH].dtype)
-        floor = count_floor(self.params, out[SKETCH].shape[1] - 1, self.noise_units)
+        count_norm = float(np.linalg.norm(out[COUNT_QUERY]))
+        floor = count_floor(self.params, Sensitivity(*out[SENSITIVITY].tolist()), count_norm, self.noise_units)
         out[MIN_COUNT] = np.asarray(floor, dtype=out[MIN_COUNT].dtype)
         return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in out.items()})
 

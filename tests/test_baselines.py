@@ -141,17 +141,18 @@ def test_feature_map_has_unit_norm_so_sensitivity_is_sqrt2() -> None:
     model = kde_model(features=100)
     rows = model.feature_map(torch.randn(50, 3) * 5)
     assert torch.allclose(rows.norm(dim=1), torch.ones(50), atol=1e-5)
+    assert model.sensitivity() == (pytest.approx(math.sqrt(2)), pytest.approx(math.sqrt(100) + 1))
     params = dp_kde.DpKdeParams(epsilon=1.0, delta=1e-5)
-    assert dp_kde.noise_scale(params, 100) == pytest.approx(ldp.analytic_gaussian_sigma(math.sqrt(2), 1.0, 1e-5))
+    assert dp_kde.noise_scale(params, model.sensitivity()) == pytest.approx(ldp.analytic_gaussian_sigma(math.sqrt(2), 1.0, 1e-5))
     laplace = dp_kde.DpKdeParams(epsilon=0.5, mechanism="laplace")
-    assert float(rows.abs().sum(1).max()) + 1 <= dp_kde.noise_scale(laplace, 100) * 0.5 + 1e-6
+    assert float(rows.abs().sum(1).max()) + 1 <= dp_kde.noise_scale(laplace, model.sensitivity()) * 0.5 + 1e-6
     # the noise actually drawn has the calibrated scale (Laplace: std = sqrt(2) b)
     x, y = torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
     big = dp_kde.KdeClassifier(dp_kde.KdeClassifier.Params(features=20000), (3,), 2)
     generator = torch.Generator().manual_seed(0)
     for p in (params, laplace):
-        drawn = dp_kde.private_sketch(big, x, y, 2, p, generator)
-        expected = dp_kde.noise_scale(p, 20000) * (math.sqrt(2) if p.mechanism == "laplace" else 1)
+        drawn = dp_kde.private_sketch(big, x, y, 2, p, big.sensitivity(), generator)
+        expected = dp_kde.noise_scale(p, big.sensitivity()) * (math.sqrt(2) if p.mechanism == "laplace" else 1)
         assert float(drawn.std()) == pytest.approx(expected, rel=0.03)
 
 
@@ -260,3 +261,106 @@ def test_secure_pca_federation_sums_shares(tmp_path) -> None:
     (entry,) = record["privacy"]
     assert (entry["epsilon"], entry["kind"]) == (8.0, "example")
     assert "of the sum only (SecAgg+)" in dp_kde.DpKdeServer(dp_kde.DpKdeParams(aggregation="secure")).privacy_unit().accountant
+
+
+def distance_model(metric: str, dims: int = 3, **params) -> "DistanceClassifier":
+    from fedsim.defenses.dp_distance import DistanceClassifier
+
+    torch.manual_seed(0)
+    return DistanceClassifier(DistanceClassifier.Params(metric=metric, **params), (dims,), 2)
+
+
+def exact_distance_sums(x: torch.Tensor, y: torch.Tensor, queries: torch.Tensor, p: float, square: bool = False) -> torch.Tensor:
+    """(B, 2): sum over each class's examples of ||x - q||_p (squared for l2sq), no structure."""
+    dist = torch.cdist(queries.double(), x.double(), p=p)
+    dist = dist**2 if square else dist
+    return torch.stack([dist[:, y == c].sum(1) for c in (0, 1)], 1)
+
+
+def test_l1_distance_tree_answers_the_exact_sum_within_the_leaf_width() -> None:
+    torch.manual_seed(1)
+    levels, dims = 6, 3
+    model = distance_model("l1", dims, levels=levels, low=-2.0, high=2.0)
+    x, queries = torch.rand(40, dims) * 4 - 2, torch.rand(25, dims) * 4 - 2
+    y = torch.tensor([0] * 15 + [1] * 25)
+    model.sketch.copy_(dp_kde.class_sums(model, x, y, 2))
+    answer, exact = model.similarity_sums(queries).double(), exact_distance_sums(x, y, queries, 1.0)
+    # only examples sharing a leaf with the query are approximated, each by at most w * range
+    bound = 40 * dims * 4.0 / 2**levels
+    assert float((answer - exact).abs().max()) <= bound
+    assert float((answer - exact).abs().mean()) < bound / 10  # and most coordinates share no leaf
+    assert torch.equal(model.sketch[:, -1], torch.tensor([15.0, 25.0]))
+
+
+def test_l2sq_distance_sketch_is_exact_and_l2_within_projection_error() -> None:
+    torch.manual_seed(2)
+    x, queries = torch.rand(30, 5), torch.rand(10, 5)
+    y = torch.tensor([0] * 10 + [1] * 20)
+    square = distance_model("l2sq", 5)
+    square.sketch.copy_(dp_kde.class_sums(square, x, y, 2))
+    exact = exact_distance_sums(x, y, queries, 2.0, square=True)
+    assert torch.allclose(square.similarity_sums(queries).double(), exact, rtol=1e-4)
+    euclid = distance_model("l2", 5, projections=2000, levels=8)
+    euclid.sketch.copy_(dp_kde.class_sums(euclid, x, y, 2))
+    exact = exact_distance_sums(x, y, queries, 2.0)
+    relative = (euclid.similarity_sums(queries).double() - exact).abs() / exact
+    assert float(relative.max()) < 0.1  # p-stable embedding, k = 2000: error ~ 1/sqrt(k) per pair
+    # nearest class mean by either metric: class 1 sits around 0.9, class 0 around 0.1
+    near = torch.cat([torch.full((20, 5), 0.1), torch.full((20, 5), 0.9)]) + torch.rand(40, 5) * 0.05
+    labels = torch.tensor([0] * 20 + [1] * 20)
+    for model in (square, euclid):
+        model.sketch.copy_(dp_kde.class_sums(model, near, labels, 2))
+        assert torch.equal(model(near).argmax(1), labels)
+
+
+@pytest.mark.parametrize("metric", ["l1", "l2", "l2sq"])
+def test_distance_rows_stay_within_their_sensitivity_whatever_the_input(metric: str) -> None:
+    model = distance_model(metric, 6, levels=4, projections=16)
+    wild = torch.cat([torch.randn(200, 6) * 100, torch.rand(200, 6), torch.ones(1, 6), torch.zeros(1, 6)])
+    rows = model.rows(wild).double()
+    l2, l1 = model.sensitivity()
+    assert float(rows.norm(dim=1).max()) <= l2 * (1 + 1e-6)
+    assert float(rows.abs().sum(1).max()) <= l1 * (1 + 1e-6)
+    assert torch.equal(rows[:, -1], torch.ones(len(wild), dtype=rows.dtype))  # the count entry
+    params = dp_kde.DpKdeParams(epsilon=1.0, delta=1e-5)
+    assert dp_kde.noise_scale(params, model.sensitivity()) == pytest.approx(ldp.analytic_gaussian_sigma(l2, 1.0, 1e-5))
+
+
+def test_a_server_sent_sensitivity_does_not_lower_the_clients_noise() -> None:
+    scenario = {**KDE_SCENARIO, "model": {"name": "distance", "metric": "l2sq"}}
+    setup = call_for(scenario, RecordDict()).setup
+    sent = setup.new_model().state_dict()
+    sent[dp_kde.SENSITIVITY] = torch.tensor([1e-9, 1e-9], dtype=torch.float64)  # a lying server
+    content = RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"release-cohort": 4})})
+    reply = dp_kde.release(content, call_for(scenario, RecordDict()))
+    released = reply["arrays"].to_torch_state_dict()[dp_kde.SKETCH]
+    data = call_for(scenario, RecordDict()).train_data()
+    exact = dp_kde.class_sums(setup.new_model(), data.x, data.y, 10)
+    sigma = dp_kde.noise_scale(dp_kde.DpKdeParams(epsilon=2.0), dp_kde.Sensitivity(math.sqrt(3), 0.0))
+    assert float((released - exact).std()) == pytest.approx(sigma, rel=0.25)
+
+
+@pytest.mark.parametrize(("metric", "epsilon", "least"), [("l2sq", 8.0, 0.7), ("l1", 8.0, 0.3), ("l1", 1e3, 0.85), ("l2", 1e3, 0.75)])
+def test_dp_distance_federation_reports_accuracy_and_its_epsilon(tmp_path, metric: str, epsilon: float, least: float) -> None:
+    from fedsim.core.results import RunDirectory
+    from fedsim.federation.simulation import run_federation
+
+    spec = {
+        **KDE_SCENARIO,
+        "model": {"name": "distance", "metric": metric, "levels": 4, "projections": 32},
+        "federation": {"strategy": {"name": "dp_kde", "epsilon": epsilon}, "rounds": 1},
+    }
+    run = RunDirectory(tmp_path)
+    run_federation(build_scenario(spec), run)
+    (record,) = list(run.metrics())[-1:]
+    assert record["test_accuracy"] > least  # 10 classes: chance is 0.1; noiseless: l1 0.90, l2 0.83
+    (entry,) = record["privacy"]
+    assert (entry["key"], entry["epsilon"], entry["kind"]) == ("max_client_kde_epsilon", epsilon, "example")
+
+
+def test_tree_count_query_counts_every_example_with_less_noise() -> None:
+    model = distance_model("l1", 4, levels=3)
+    x, y = torch.rand(37, 4), torch.zeros(37, dtype=torch.long)
+    model.sketch.copy_(dp_kde.class_sums(model, x, y, 2))
+    assert float(model.sketch[0] @ model.count_query) == pytest.approx(37.0, rel=1e-5)
+    assert float(model.count_query.norm()) == pytest.approx((1 + 4 * (1 - 2**-3)) ** -0.5, rel=1e-5)
