@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from fedsim.core.registry import MODELS
@@ -149,11 +149,13 @@ class DistanceClassifier(SimilaritySketch):
         levels: int = Field(3, ge=1, le=12, description="l1/l2: tree depth L (2^L leaves per coordinate; noise grows as L, the in-leaf error as 2^-L)")
         projections: int = Field(64, ge=1, description="l2: Gaussian projections k (relative error ~1/sqrt(k))")
 
-        @model_validator(mode="after")
-        def _domain(self) -> DistanceClassifier.Params:
-            if not self.high > self.low:
-                raise ValueError(f"high={self.high} must exceed low={self.low}: they bound every input coordinate")
-            return self
+        @field_validator("high")
+        @classmethod
+        def _above_low(cls, high: float, info: ValidationInfo) -> float:
+            low = info.data.get("low", 0.0)
+            if not high > low:
+                raise ValueError(f"must exceed low={low}: [low, high] bounds every input coordinate")
+            return high
 
     def __init__(self, params: Params, input_shape: Sequence[int], num_classes: int) -> None:
         self.metric = params.metric

@@ -128,6 +128,16 @@ class SimilaritySketch(nn.Module, ABC):
             count_query = torch.zeros(width).index_fill_(0, torch.tensor([width - 1]), 1.0)
         self.register_buffer(COUNT_QUERY, count_query)
 
+    @classmethod
+    def check_scenario(cls, params: BaseModel, scenario: Any) -> None:
+        """A sketch has no weights to train: only the `dp_kde` strategy fills it."""
+        strategy = scenario.federation.strategy.name
+        if strategy != ACTION:
+            raise ValueError(
+                f"model '{scenario.model.name}' is a DP sketch with no weights to train, but "
+                f"federation.strategy is '{strategy}'; set federation.strategy: {ACTION}"
+            )
+
     def sensitivity(self) -> Sensitivity:
         """Largest L2 and L1 norm of one row psi(x)."""
         return Sensitivity(*getattr(self, SENSITIVITY).tolist())
@@ -188,6 +198,7 @@ class KdeClassifier(SimilaritySketch):
     @classmethod
     def check_scenario(cls, params: Params, scenario: Any) -> None:
         """Refuse `pca` without public classes at validate, before any data is loaded."""
+        super().check_scenario(params, scenario)
         if params.pca is not None and not scenario.data.public_classes:
             raise ValueError(
                 f"model.pca={params.pca} is fitted on public examples, but data.public_classes is "
@@ -398,6 +409,15 @@ class DpKde:
     releases_weights: ClassVar[bool] = False  # clients send noised sketches, once
 
     Params: type[DpKdeParams] = DpKdeParams
+
+    @classmethod
+    def check_scenario(cls, params: DpKdeParams, scenario: Any) -> None:
+        """Clients release a sketch, so the model must be one (its weights are never trained)."""
+        if not issubclass(MODELS.get(scenario.model.name), SimilaritySketch):
+            raise ValueError(
+                f"strategy '{ACTION}' releases a DP similarity sketch, but model '{scenario.model.name}' "
+                "is not one; set model: kde or model: distance"
+            )
 
     @classmethod
     def build(cls, params: DpKdeParams) -> DpKdeServer:

@@ -364,3 +364,17 @@ def test_tree_count_query_counts_every_example_with_less_noise() -> None:
     model.sketch.copy_(dp_kde.class_sums(model, x, y, 2))
     assert float(model.sketch[0] @ model.count_query) == pytest.approx(37.0, rel=1e-5)
     assert float(model.count_query.norm()) == pytest.approx((1 + 4 * (1 - 2**-3)) ** -0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"model": {"name": "distance"}, "federation": {"strategy": "fedavg"}}, "set federation.strategy: dp_kde"),
+    ({"model": {"name": "mlp"}}, "set model: kde or model: distance"),
+    ({"model": {"name": "distance", "low": 1.0, "high": 0.5}}, "'high'"),
+])
+def test_sketch_models_and_the_dp_kde_strategy_are_refused_apart(tmp_path, change: dict, named: str) -> None:
+    from cli_helpers import run_cli
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**KDE_SCENARIO, **change}))
+    code, _, err = run_cli("validate", path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and named in err

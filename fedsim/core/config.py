@@ -411,6 +411,9 @@ class Scenario(Section):
         model_check = getattr(MODELS.get(self.model.name), "check_scenario", None)
         if model_check is not None:  # models that need other sections (e.g. kde's pca: public classes)
             model_check(self.model.params, self)
+        strategy_check = getattr(STRATEGIES.get(strategy), "check_scenario", None)
+        if strategy_check is not None:  # strategies that need a kind of model (e.g. dp_kde: a sketch)
+            strategy_check(self.federation.strategy.params, self)
         for spec in self.attacks:
             ATTACKS.get(spec.name).check_scenario(spec.params, self)
         for spec in self.defenses:
