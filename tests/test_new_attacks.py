@@ -85,3 +85,48 @@ def test_imprint_breaks_secagg_in_a_federation(tmp_path) -> None:
     assert list(scores["target"]) == ["round_0001_aggregate"]  # SecAgg+: only the aggregate
     exact = sum(p > 60 for p in scores["psnr_per_image"][0])
     assert exact >= 10
+
+
+def relu_mlp(hidden: list[int]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cls = MODELS.get("mlp")
+    return cls(cls.Params(hidden=hidden, activation="relu"), SHAPE, 10)
+
+
+def test_trap_weights_fire_each_row_for_the_calibrated_share(digits) -> None:
+    images, _ = digits
+    attack = ATTACKS.get("trap_weights")(ATTACKS.get("trap_weights").Params(activation=0.05))
+    model = relu_mlp([256])
+    record = attack.craft(model, SHAPE, images[1000:])
+    first = model.get_submodule(record["layer"])
+    assert record["rows"] == 256 and float(first.bias.abs().max()) == 0.0
+    firing = (images[:1000].flatten(1) @ first.weight.T > 0).double().mean(0)  # data it was not fitted on
+    assert float(firing.mean()) == pytest.approx(0.05, abs=0.01)
+    assert float(firing.max()) < 0.15  # every row is a trap, none fires for most examples
+    with pytest.raises(UserError, match="non-negative"):
+        attack.craft(relu_mlp([256]), SHAPE, images[1000:] - 0.5)
+
+
+def test_trap_weights_recover_more_of_a_batch_than_the_honest_model(digits) -> None:
+    """One client, 16 digits, one gradient: analytic_fc on the honest mlp against the trap."""
+    images, labels = digits[0][:16], digits[1][:16]
+    found = {}
+    for name, params in (("analytic_fc", {}), ("trap_weights", {"activation": 1 / 16})):
+        cls = ATTACKS.get(name)
+        attack, model = cls(cls.Params(**params)), relu_mlp([256])
+        if name == "trap_weights":
+            attack.craft(model, SHAPE, digits[0][1000:])
+        gradient = torch.autograd.grad(F.cross_entropy(model(images), labels), list(model.parameters()))
+        recon = attack.reconstruct(from_gradient(model, list(gradient), 16, SHAPE, 10))
+        found[name] = int((max_abs_error(recon.images, images) < 1e-4).sum())
+    assert found["trap_weights"] >= 12 and found["trap_weights"] >= found["analytic_fc"] + 6
+
+
+def test_trap_weights_break_secagg_in_a_federation(tmp_path) -> None:
+    attack = "attacks=[{name: trap_weights, activation: 0.03}]"
+    run = fedsim.run(fedsim.scenario("scenarios/imprint_secagg.yaml", attack), tmp_path / "run")
+    sent = json.loads((tmp_path / "run" / "observations" / "malicious.json").read_text())
+    assert sent["attacks"]["trap_weights"]["rows"] == 256
+    scores = run.scores
+    assert list(scores["target"]) == ["round_0001_aggregate"]
+    assert sum(p > 60 for p in scores["psnr_per_image"][0]) >= 10  # of 32 examples, from the sum alone
