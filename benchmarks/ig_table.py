@@ -18,6 +18,13 @@ sigmoid LeNet and a ConvNet (width 16).
                                   [--sections psnr labels tv sizes]
     python benchmarks/ig_table.py --sections sizes [--sizes 8 32 64] [--size-batch 1]
                                   [--size-iterations 200] [--size-tv 1e-4 1e-3 1e-2 1e-1 auto]
+    python benchmarks/ig_table.py --sections bn [--bn-contents digits rgb] [--bn-batches 1 4]
+                                  [--bn-size 16] [--bn-iterations 500] [--bn-weights 0.01 0.1]
+
+Section `bn`: GradInversion (`grad_inversion`, Yin et al. 2021) against `ig` on a BatchNorm
+ResNet-20 (untrained, one local SGD step, lr 0.05, labels inferred): the BN-statistics prior
+at each weight, read from the client's update (`bn_statistics: update`) or from the sent
+model's running buffers (`running`, Yin et al.'s; the initialisation at round 1).
 
 Prints markdown tables (docs/gradient_inversion.md holds the figures of one run).
 """
@@ -35,6 +42,7 @@ from torch import Tensor
 
 from fedsim.attacks.fedavg_inversion import FedAvgInversion
 from fedsim.attacks.gradient_matching import GradientInversion, mean_step_gradient
+from fedsim.attacks.grad_inversion import GradInversion
 from fedsim.attacks.inverting_gradients import InvertingGradients
 from fedsim.attacks.label_inference import infer_labels, last_layer
 from fedsim.evaluation.metrics import label_accuracy, save_image_grid, score_images
@@ -195,17 +203,51 @@ def sizes_table(data: TensorData, sizes: list[int], batch: int, iterations: int,
                 print(f"| {size}x{size} | {content} | {model_name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def bn_table(data: TensorData, contents: list[str], batches: list[int], size: int, iterations: int, weights: list[float]) -> None:
+    """`ig` and `grad_inversion` (by BN weight and statistics source) on a BN ResNet-20."""
+    attacks: list[tuple[str, GradientInversion]] = [
+        ("ig", InvertingGradients(InvertingGradients.Params(iterations=iterations, restarts=2), seed=0))]
+    for weight in weights:
+        for source in ("update", "running"):
+            params = GradInversion.Params(iterations=iterations, bn=weight, bn_statistics=source)
+            attacks.append((f"grad_inversion bn {weight:g} {source}", GradInversion(params, seed=0)))
+    print(f"\nBN ResNet-20, {size}x{size}, one local step, {iterations} iterations, 2 restarts; "
+          "PSNR dB / label accuracy / seconds\n")
+    print("| content | batch | " + " | ".join(name for name, _ in attacks) + " |")
+    print("|---|---|" + "---|" * len(attacks))
+    for content in contents:
+        for batch in batches:
+            used = upsampled_digits(data, size, batch) if content == "digits" else synthetic_rgb(size, batch)
+            torch.manual_seed(0)
+            cls = MODELS.get("resnet20")
+            model = cls(cls.Params(norm="batch"), tuple(used.x.shape[1:]), 10)
+            hp = LocalHyperParams(lr=0.05, batch_size=batch, local_epochs=1, local_steps=1, optimizer="sgd", momentum=0.0, weight_decay=0.0)
+            target, truth = from_local_training(model, used, hp)
+            cells = []
+            for _, attack in attacks:
+                started = time.perf_counter()
+                recon = attack.reconstruct(target)
+                scores = score_images(recon.images, truth.x, recon.labels, truth.y)
+                cells.append(f"{scores['psnr']:.1f} / {scores['label_accuracy']:.2f} / {time.perf_counter() - started:.0f}")
+            print(f"| {content} | {batch} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--grid", type=Path, default=Path("docs/gradient_inversion_fedavg_b4.png"))
-    parser.add_argument("--sections", nargs="+", choices=("psnr", "labels", "tv", "sizes"), default=["psnr", "labels", "tv"])
+    parser.add_argument("--sections", nargs="+", choices=("psnr", "labels", "tv", "sizes", "bn"), default=["psnr", "labels", "tv"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[8, 32, 64])
     parser.add_argument("--size-batch", type=int, default=1)
     parser.add_argument("--size-iterations", type=int, default=200)
     parser.add_argument("--size-tv", nargs="+", type=tv_setting, default=[*TV_WEIGHTS, "auto"])
+    parser.add_argument("--bn-contents", nargs="+", choices=("digits", "rgb"), default=["digits", "rgb"])
+    parser.add_argument("--bn-batches", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--bn-size", type=int, default=16)
+    parser.add_argument("--bn-iterations", type=int, default=500)
+    parser.add_argument("--bn-weights", nargs="+", type=float, default=[0.01, 0.1])
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = digits()
@@ -223,6 +265,8 @@ def main() -> None:
         tv_table(data, args.iterations, args.restarts, args.clients)
     if "sizes" in args.sections:
         sizes_table(data, args.sizes, args.size_batch, args.size_iterations, args.size_tv)
+    if "bn" in args.sections:
+        bn_table(data, args.bn_contents, args.bn_batches, args.bn_size, args.bn_iterations, args.bn_weights)
 
 
 if __name__ == "__main__":
