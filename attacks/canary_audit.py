@@ -24,7 +24,12 @@ the run's reported example-level epsilon.
   client's own data's pull on j), minus the same reading of the round's other clients
   (their data's pull on j, never the canary), summed over rounds. With one local plain-SGD
   step per round the reading is exact and the score is the Gaussian mechanism's own
-  sufficient statistic.
+  sufficient statistic. The canaries sit on distinct coordinates, each read through its own
+  independent noise, so their scores are independent trials of one Gaussian mechanism and the
+  audit stage adds the Gaussian-trade-off bound (`fedsim.evaluation.auditing.gdp_audit`) to
+  the one-run bound. Exact for one round; over several rounds the model, hence the data's
+  pull on a coordinate, depends on all earlier noise, a dependence the subtraction of the
+  other clients' readings removes to first order.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class CanaryAudit(MembershipAttack):
     granted = "canaries"
     needs_classes = True
     canary_kind: ClassVar[str] = "input"  # the `data.canaries.kind` it scores
+    # whether the canaries' scores are independent trials of one mechanism (no shared
+    # randomness), so the Gaussian-trade-off audit may pool them (`auditing.gdp_audit`)
+    independent_trials: ClassVar[bool] = False
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -103,6 +111,7 @@ class CanaryGradientAudit(CanaryUpdateAudit):
     )
     needs_classes = False
     canary_kind = "gradient"
+    independent_trials = True  # distinct coordinates, independent noise (see the module doc)
 
     def score(self, target: MembershipTarget) -> np.ndarray:
         assert target.canary_coordinates is not None

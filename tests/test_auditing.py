@@ -24,6 +24,8 @@ from fedsim.evaluation.auditing import (
     default_guess_counts,
     multi_run_audit,
     multi_run_epsilon,
+    gdp_audit,
+    gdp_epsilon,
     one_run_audit,
     one_run_epsilon,
     one_run_guesses,
@@ -222,3 +224,33 @@ def test_audit_of_a_dp_sgd_run_stays_below_the_reported_epsilon(tmp_path):
     assert sum(c["included"] for c in canaries) == record["audit"]["included"]
     summary = json.loads(run.summary_path.read_text())
     assert summary["attacks"]["canary_audit"]["audit_violation"] is False
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+def test_gdp_epsilon_is_the_gaussian_mechanisms_pld_epsilon(mu: float) -> None:
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1 / mu))  # sensitivity 1, noise 1/mu: mu-GDP
+    assert gdp_epsilon(mu, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+    assert gdp_epsilon(0.0, 1e-5) == 0.0
+
+
+def gaussian_trials(mu: float, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ideal scores of a mu-GDP mechanism: in ~ N(mu, 1), out ~ N(0, 1), each in with probability 1/2."""
+    rng = np.random.default_rng(seed)
+    included = rng.random(count) < 0.5
+    return rng.normal(size=count) + mu * included, included
+
+
+def test_gdp_audit_is_sound_and_reaches_most_of_a_gaussians_epsilon() -> None:
+    above = sum(gdp_audit(*gaussian_trials(1.0, 1000, seed), 1e-5).mu_lower_bound > 1.0 for seed in range(200))
+    assert above <= 10  # at most beta = 5% of the draws exceed the true mu (Bonferroni: far fewer)
+    audit = gdp_audit(*gaussian_trials(1.0, 2000, 0), 1e-5)
+    assert 0.75 < audit.mu_lower_bound <= 1.0
+    assert audit.epsilon_lower_bound >= 0.75 * gdp_epsilon(1.0, 1e-5)  # one-run reaches ~0.3x here
+    assert audit.epsilon_lower_bound == pytest.approx(gdp_epsilon(audit.mu_lower_bound, 1e-5))
+    assert audit.tp + audit.fn + audit.fp + audit.tn == 2000 and audit.candidates == 64
+    blind = gdp_audit(*gaussian_trials(0.0, 2000, 1), 1e-5)
+    assert blind.mu_lower_bound == 0.0 and blind.epsilon_lower_bound == 0.0

@@ -112,6 +112,12 @@ def test_white_box_audit_is_sound_and_as_tight_as_one_run_allows(tmp_path):
     assert record["auc"] == pytest.approx(stats.norm.cdf(1 / math.sqrt(2)), abs=0.03)
     assert 0.3 * reported <= record["epsilon_lower_bound"] <= reported
     assert record["violation"] is False and summary["attacks"]["canary_gradient_audit"]["audit_violation"] is False
+    # the canaries are independent trials of the Gaussian mechanism: the Gaussian trade-off
+    # bound uses its shape and gets past half of epsilon, still below it
+    gaussian = record["gaussian_epsilon_bound"]
+    assert 0.5 * reported <= gaussian <= reported and record["gaussian_audit"]["mu_lower_bound"] <= 1.0
+    assert record["gaussian_violation"] is False
+    assert summary["attacks"]["canary_gradient_audit"]["gaussian_epsilon_bound"] == pytest.approx(gaussian)
 
 
 def test_white_box_audit_catches_noise_divided_by_ten(tmp_path, monkeypatch):
@@ -129,3 +135,4 @@ def test_white_box_audit_catches_noise_divided_by_ten(tmp_path, monkeypatch):
     assert record["auc"] > 0.99
     assert record["epsilon_lower_bound"] > 2 * record["reported"]["epsilon"]
     assert record["violation"] is True and summary["attacks"]["canary_gradient_audit"]["audit_violation"] is True
+    assert record["gaussian_epsilon_bound"] > 2 * record["reported"]["epsilon"] and record["gaussian_violation"] is True

@@ -28,6 +28,23 @@ With one-sided Clopper-Pearson upper confidence bounds FPR_hi, FNR_hi (each at l
 
     eps_lb = max(log((1 - delta - FPR_hi) / FNR_hi), log((1 - delta - FNR_hi) / FPR_hi), 0).
 
+**Gaussian trade-off** (Dong, Roth, Su 2019, mu-GDP; the GDP audits of Nasr et al. 2023 and
+jax-privacy's `epsilon_from_gdp`). A mechanism is mu-GDP when no test tells in from out
+better than two unit Gaussians mu apart, so every threshold test has
+
+    mu >= Phi^-1(1 - FPR) - Phi^-1(FNR),
+
+and the Clopper-Pearson upper bounds FPR_hi, FNR_hi turn each test into a lower bound on mu
+at confidence 1 - beta (`gdp_audit`; Bonferroni over a grid of thresholds, which
+jax-privacy's estimate omits). The epsilon of a mu_lb-GDP mechanism at delta (their
+Corollary 2.13, `gdp_epsilon`) is then a lower bound on the epsilon of any claim that
+describes the mechanism as Gaussian (DP-SGD without subsampling is exactly that). It uses
+the trade-off curve's shape where the (eps, delta) bounds above use one point of it, so it
+gets much closer to a Gaussian mechanism's epsilon; it is not a bound for mechanisms of
+another shape. Both it and the multi-run bound need independent trials: paired runs, or
+canaries whose readings share no randomness (Dirac gradient canaries on distinct
+coordinates with independent noise).
+
 Choosing the threshold (or k+, k-) after seeing the scores is paid for by a Bonferroni
 correction: every candidate is tested at level beta / (number of candidates), so the best
 of them is still a bound at confidence 1 - beta.
@@ -256,4 +273,76 @@ def multi_run_audit(
     return MultiRunAudit(
         float(epsilon[best]), float(thresholds[best]), int(tp[best]), int(fp[best]),
         members - int(tp[best]), non_members - int(fp[best]), delta, beta, len(thresholds),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------ Gaussian trade-off
+
+GDP_THRESHOLDS = 64
+"""Thresholds `gdp_audit` tries: the score quantiles at 1/65, ..., 64/65 (Bonferroni over them)."""
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """Epsilon of a mu-GDP mechanism at delta: the root of
+    Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) = delta (Dong et al., Corollary 2.13)."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if mu <= 0:
+        return 0.0
+
+    def excess(epsilon: float) -> float:  # log delta(eps) - log delta, decreasing in eps
+        upper = stats.norm.logcdf(-epsilon / mu + mu / 2)
+        lower = epsilon + stats.norm.logcdf(-epsilon / mu - mu / 2)
+        return float(upper + np.log1p(-np.exp(min(lower - upper, 0.0))) - np.log(delta))
+
+    if excess(0.0) <= 0:
+        return 0.0
+    high = max(1.0, mu * mu)
+    while excess(high) > 0:
+        high *= 2
+    return float(optimize.brentq(excess, 0.0, high, xtol=1e-9))
+
+
+@dataclass(frozen=True)
+class GdpAudit:
+    """A Gaussian-trade-off audit: the lower bounds on mu and on epsilon, and the test behind them."""
+
+    mu_lower_bound: float
+    epsilon_lower_bound: float
+    threshold: float
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    delta: float
+    beta: float
+    candidates: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"estimator": "gdp", **asdict(self)}
+
+
+def gdp_audit(
+    scores: Any, included: Any, delta: float, beta: float = DEFAULT_BETA, candidates: int = GDP_THRESHOLDS
+) -> GdpAudit:
+    """The best Gaussian-trade-off bound over `candidates` threshold tests "in iff score >= t".
+
+    `scores[j]` / `included[j]` are independent trials (see the module doc): with confidence
+    1 - beta the mechanism is not mu-GDP for any mu below `mu_lower_bound`.
+    """
+    score, truth = _ordered(scores, included)
+    if truth.all() or not truth.any():
+        raise ValueError("a Gaussian audit needs trials with and without the canary")
+    thresholds = np.unique(np.quantile(score, np.arange(1, candidates + 1) / (candidates + 1)))
+    members, non_members = int(truth.sum()), int((~truth).sum())
+    tp = members - np.searchsorted(np.sort(score[truth]), thresholds, side="left")
+    fp = non_members - np.searchsorted(np.sort(score[~truth]), thresholds, side="left")
+    alpha = beta / len(thresholds) / 2  # Bonferroni over thresholds, then FPR and FNR
+    fpr_hi = clopper_pearson_upper(fp, non_members, alpha)
+    fnr_hi = clopper_pearson_upper(members - tp, members, alpha)
+    mu = np.maximum(stats.norm.isf(fpr_hi) - stats.norm.ppf(fnr_hi), 0.0)
+    best = int(np.argmax(mu))
+    return GdpAudit(
+        float(mu[best]), gdp_epsilon(float(mu[best]), delta), float(thresholds[best]), int(tp[best]),
+        int(fp[best]), members - int(tp[best]), non_members - int(fp[best]), delta, beta, len(thresholds),
     )  # fmt: skip

@@ -43,8 +43,9 @@ LEAKAGE = ("psnr", "ssim", "label_accuracy")
 """Image leakage scores of gradient attacks (the report plots these)."""
 MODEL_LEAKAGE = ("top1_accuracy", "top5_accuracy", "knn_distance")
 """Evaluation-classifier scores of model-inversion attacks (the report plots these too)."""
-MEMBERSHIP = (*MEMBERSHIP_SCORES, "epsilon_lower_bound")
-"""Membership-inference scores and the audits' empirical epsilon lower bound."""
+MEMBERSHIP = (*MEMBERSHIP_SCORES, "epsilon_lower_bound", "gaussian_epsilon_bound")
+"""Membership-inference scores and the audits' empirical epsilon lower bounds (one-run; and
+the Gaussian-trade-off bound of audits on independent canaries)."""
 MEANING = {
     "recovered": "recovered",
     "paired": "paired",
