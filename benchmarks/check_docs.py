@@ -189,6 +189,8 @@ CHECKS: list[Check] = [
           accuracy("scenarios/ldp_sparse_regression_trig.yaml"), 0.005, fast=True),
     Check("docs/baselines.md", r"ends at\s+test accuracy ([0-9.]+) \(10 classes",
           "fedsim run scenarios/dp_kde_digits.yaml", accuracy("scenarios/dp_kde_digits.yaml"), 0.005, fast=True),
+    Check("docs/gradient_inversion.md", r"`grad_inversion` ([0-9.]+) dB\n", "fedsim run scenarios/grad_inversion_resnet.yaml",
+          leakage("scenarios/grad_inversion_resnet.yaml", "grad_inversion", "psnr"), 0.5),
     Check("docs/baselines.md", r"ends at distance test\s+accuracy ([0-9.]+) with",
           "fedsim run scenarios/dp_distance_digits.yaml", accuracy("scenarios/dp_distance_digits.yaml"), 0.005, fast=True),
     *(Check("docs/gifd.md", rf"`{attack}` ([0-9.]+) dB,? ", f"fedsim run {GIFD}", leakage(GIFD, attack, "psnr"), 0.5)

@@ -287,7 +287,7 @@ def test_membership_stage_scores_every_attack_from_the_runs_records(tmp_path):
             **TINY,
             "data": {"dataset": "digits", "num_clients": 2, "test_fraction": 0.95, "val_fraction": 0.0},
             "training": {"local_epochs": 10, "batch_size": 8, "lr": 0.1, "momentum": 0.9},
-            "federation": {"rounds": 3},
+            "federation": {"rounds": 5},
             "observer": {"rounds": [1], "clients": [0]},
             "attacks": [
                 "loss_threshold",
@@ -305,8 +305,9 @@ def test_membership_stage_scores_every_attack_from_the_runs_records(tmp_path):
         scores = summary["attacks"][name]
         assert set(SUMMARY_KEYS) <= set(scores), name
         assert 0 <= scores["auc"] <= 1
-    # 3 rounds of 10 epochs on ~90 examples overfit (measured: loss threshold 0.65, RMIA 0.67,
-    # update alignment after 60 local steps 0.67, client-level 0.85)
+    # 5 rounds of 10 epochs on ~90 examples overfit (measured: loss threshold 0.68, update
+    # alignment after 60 local steps 0.67, client-level 0.85; after 3 rounds the loss threshold
+    # measured 0.65 on one package set and 0.56 on another, too close to chance to test)
     assert summary["attacks"]["loss_threshold"]["auc"] > 0.6
     assert summary["attacks"]["update_membership"]["auc"] > 0.6
     assert (run.attacks_dir / "lira" / "final_model.roc.png").is_file()

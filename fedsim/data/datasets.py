@@ -588,6 +588,7 @@ class FederatedData:
         dataset, self.public = split_public_classes(loaded, config.public_classes)
         self.private_classes = sorted(set(dataset.y.unique().tolist()))
         self.num_partitions = config.num_clients
+        self._client_indices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.input_shape = dataset.input_shape
         self.num_classes = dataset.num_classes
 
@@ -645,10 +646,16 @@ class FederatedData:
         return np.asarray(partition["index"], dtype=np.int64)
 
     def client_indices(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices into the training table of one client's (train, val) examples."""
-        indices = self.partition_indices(partition_id)
-        seed = _client_seed(self.seed, partition_id)
-        return _split(indices, self.config.val_fraction, seed)
+        """Indices into the training table of one client's (train, val) examples.
+
+        Computed once per client and kept: the partition is fixed, and reading it back from
+        the partitioner (a Hugging Face dataset) costs milliseconds, every round, per client;
+        the arrays are shared, so callers index with them and never write into them."""
+        if partition_id not in self._client_indices:
+            indices = self.partition_indices(partition_id)
+            seed = _client_seed(self.seed, partition_id)
+            self._client_indices[partition_id] = _split(indices, self.config.val_fraction, seed)
+        return self._client_indices[partition_id]
 
     def client(self, partition_id: int) -> tuple[TensorData, TensorData]:
         """One client's (train, val) examples.
