@@ -215,7 +215,8 @@ class QuantumDlaSnapshot(QuantumAttack):
             )
         problem = SnapshotProblem.of(circuit, model.quantum.weights)
         observed = target.single_step_gradient()[0].flatten().double()
-        snapshot = torch.linalg.lstsq(problem.jacobian, observed.unsqueeze(1)).solution[:, 0]
+        # the minimum-norm solution, through the same rank cut as `rank`
+        snapshot = torch.linalg.pinv(problem.jacobian, rtol=RANK_TOLERANCE) @ observed
         label = target.known_labels[:1].double() if self.params.labels == "known" else None
         if label is not None and target.num_classes != 0:
             raise UserError("quantum_dla_snapshot: labels: known is for regression; set labels: unknown")
