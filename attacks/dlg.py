@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fedsim.attacks.batched_lbfgs import BatchedLBFGS
+from fedsim.attacks.batched_lbfgs import TOLERANCE_CHANGE, BatchedLBFGS
 from fedsim.attacks.gradient_matching import (
     GradientInversion,
     InversionParams,
@@ -92,10 +92,11 @@ def minimise_lbfgs(
     torch.optim.LBFGS(max_iter=evaluations_per_step) counts them when `step` is called
     `iterations` times: every evaluation is followed by one update, and the history carries
     over from step to step, so the iterates are those of one long run of steps x evaluations.
-    (torch also ends a step early once the loss changes by < 1e-9, i.e. at convergence; every
-    row here spends the whole budget.) Keeps each row's lowest distance and the point where it
-    was evaluated. A row whose distance turns non-finite (diverged) is frozen; when every row
-    is, the loop stops. `on_iteration(done, iterations)` is called after every step.
+    Keeps each row's lowest distance and the point where it was evaluated. A row whose
+    distance turns non-finite (diverged) or changes by less than 1e-9 from one evaluation to
+    the next (converged: where torch ends a step early, `tolerance_change`) is frozen; when
+    every row is, the loop stops, so `evaluations` counts those made.
+    `on_iteration(done, iterations)` is called after every step.
     """
     rows = images.shape[0] * images.shape[1]
     variables = [images] + ([label_logits] if label_logits is not None else [])
@@ -106,6 +107,7 @@ def minimise_lbfgs(
     optimizer = BatchedLBFGS(settings.lr, settings.history_size)
     per_step = settings.evaluations_per_step
     budget = settings.iterations * per_step
+    previous = torch.full((rows,), math.inf, device=flat.device)
     evaluations = 0
     for evaluations in range(1, budget + 1):
         point = flat.detach().requires_grad_()
@@ -117,7 +119,9 @@ def minimise_lbfgs(
         improved = finite & (loss < best)
         best = torch.where(improved, loss, best)
         best_flat = torch.where(improved[:, None], flat, best_flat)
-        active &= finite
+        converged = (loss - previous).abs() < TOLERANCE_CHANGE
+        active &= finite & ~converged
+        previous = loss
         if not active.any():
             break
         if evaluations < budget:  # the last update would never be evaluated
