@@ -58,14 +58,12 @@ from fedsim.attacks.gradient_matching import (
     LabelChoice,
     MatchingProblem,
     Weights,
-    best_restarts,
     label_loss,
     mean_step_gradient,
     random_images,
-    reconstructions,
     stack_labels,
 )
-from fedsim.attacks.inverting_gradients import AdamParams, InvertingGradients, minimise_adam, tv_weight
+from fedsim.attacks.inverting_gradients import AdamParams, InvertingGradients, minimise_adam
 from fedsim.core.attack import GradientTarget, Reconstruction
 from fedsim.core.errors import UserError
 from fedsim.core.registry import ATTACKS
@@ -234,17 +232,9 @@ class GradInversion(InvertingGradients):
         )
         problem = GroupProblem.build(targets, observe, hard, GradientAndStatistics(layers), distance)
         problem = replace(problem, l2=self.params.l2, group=self.params.group)
-        restarts = self.params.restarts
-        start = random_images(targets, restarts, self.image_count(targets[0]), self.seed).to(device)
+        start = random_images(targets, self.params.restarts, self.image_count(targets[0]), self.seed).to(device)
         images, objective = minimise_adam(problem, start, self.params, self.report_iteration)
-        losses = objective - problem.priors(images)
-        chosen = best_restarts(losses)
-        pick = torch.arange(len(targets), device=device), chosen.to(device)
-        return reconstructions(
-            images[pick], hard, losses[pick], losses, labels,
-            {"iterations": self.params.iterations, "restarts": restarts,
-             "objective_evaluations": self.params.iterations + 1,
-             "tv": tv_weight(self.params.tv, tuple(start.shape)), "bn": self.params.bn,
-             "bn_statistics": source if layers else "off", "l2": self.params.l2, "group": self.params.group},
-        )  # fmt: skip
+        details = {"bn": self.params.bn, "bn_statistics": source if layers else "off",
+                   "l2": self.params.l2, "group": self.params.group}  # fmt: skip
+        return self.best_of_restarts(images, objective - problem.priors(images), hard, labels, details)
 

@@ -141,11 +141,17 @@ class InvertingGradients(GradientInversion):
         restarts = self.params.restarts
         start = random_images(targets, restarts, self.image_count(targets[0]), self.seed).to(device)
         images, losses = minimise_adam(problem, start, self.params, self.report_iteration)
+        return self.best_of_restarts(images, losses, hard, labels, {})
+
+    def best_of_restarts(
+        self, images: Tensor, losses: Tensor, hard: Tensor, labels: list[LabelChoice], details: dict[str, object]
+    ) -> list[Reconstruction]:
+        """Each target's restart of lowest loss, reported with the settings and `details`."""
         chosen = best_restarts(losses)
-        pick = torch.arange(len(targets), device=device), chosen.to(device)
+        pick = torch.arange(len(images), device=images.device), chosen.to(images.device)
         return reconstructions(
             images[pick], hard, losses[pick], losses, labels,
-            {"iterations": self.params.iterations, "restarts": restarts,
+            {"iterations": self.params.iterations, "restarts": self.params.restarts,
              "objective_evaluations": self.params.iterations + 1,
-             "tv": tv_weight(self.params.tv, tuple(start.shape))},
+             "tv": tv_weight(self.params.tv, tuple(images.shape)), **details},
         )  # fmt: skip

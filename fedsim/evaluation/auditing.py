@@ -304,22 +304,14 @@ def gdp_epsilon(mu: float, delta: float) -> float:
 
 
 @dataclass(frozen=True)
-class GdpAudit:
-    """A Gaussian-trade-off audit: the lower bounds on mu and on epsilon, and the test behind them."""
+class GdpAudit(MultiRunAudit):
+    """A Gaussian-trade-off audit: the multi-run audit's record (bound, threshold, counts) plus
+    the lower bound on mu that its epsilon is converted from."""
 
     mu_lower_bound: float
-    epsilon_lower_bound: float
-    threshold: float
-    tp: int
-    fp: int
-    fn: int
-    tn: int
-    delta: float
-    beta: float
-    candidates: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"estimator": "gdp", **asdict(self)}
+        return {**super().as_dict(), "estimator": "gdp"}
 
 
 def gdp_audit(
@@ -343,6 +335,6 @@ def gdp_audit(
     mu = np.maximum(stats.norm.isf(fpr_hi) - stats.norm.ppf(fnr_hi), 0.0)
     best = int(np.argmax(mu))
     return GdpAudit(
-        float(mu[best]), gdp_epsilon(float(mu[best]), delta), float(thresholds[best]), int(tp[best]),
-        int(fp[best]), members - int(tp[best]), non_members - int(fp[best]), delta, beta, len(thresholds),
+        gdp_epsilon(float(mu[best]), delta), float(thresholds[best]), int(tp[best]), int(fp[best]),
+        members - int(tp[best]), non_members - int(fp[best]), delta, beta, len(thresholds), float(mu[best]),
     )  # fmt: skip
