@@ -108,7 +108,7 @@ def minimise_lbfgs(
     per_step = settings.evaluations_per_step
     budget = settings.iterations * per_step
     previous = torch.full((rows,), math.inf, device=flat.device)
-    evaluations = 0
+    evaluations = reported = 0
     for evaluations in range(1, budget + 1):
         point = flat.detach().requires_grad_()
         parts = [part.reshape(v.shape) for part, v in zip(point.split(sizes, dim=1), variables, strict=True)]
@@ -126,8 +126,13 @@ def minimise_lbfgs(
             break
         if evaluations < budget:  # the last update would never be evaluated
             flat = flat + optimizer.step(gradient, active)
-        if on_iteration is not None and evaluations % per_step == 0:
-            on_iteration(evaluations // per_step, settings.iterations)
+        if evaluations % per_step == 0:
+            reported = evaluations // per_step
+            if on_iteration is not None:
+                on_iteration(reported, settings.iterations)
+    if on_iteration is not None:  # stopped early (every row frozen): the budget's remaining steps are done
+        for step in range(reported + 1, settings.iterations + 1):
+            on_iteration(step, settings.iterations)
     found = [part.reshape(v.shape) for part, v in zip(best_flat.split(sizes, dim=1), variables, strict=True)]
     return LBFGSResult(
         images=found[0],
