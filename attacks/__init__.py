@@ -27,6 +27,7 @@ ATTACKS.lazy("client_membership", "fedsim.attacks.client_membership")
 ATTACKS.lazy("canary_audit", "fedsim.attacks.canary_audit")
 ATTACKS.lazy("canary_update_audit", "fedsim.attacks.canary_audit")
 ATTACKS.lazy("canary_gradient_audit", "fedsim.attacks.canary_audit")
+ATTACKS.lazy("canary_client_audit", "fedsim.attacks.canary_audit")
 
 if find_spec("pennylane") is not None:  # attacks on variational quantum circuits (model 'vqc')
     ATTACKS.lazy("quantum_dla_snapshot", "fedsim.attacks.quantum_dla_snapshot")

@@ -16,6 +16,11 @@ the run's reported example-level epsilon.
   difference leaves the canary's own clipped gradient plus noise: under DP-SGD exactly the
   quantity the accountant analyses. Needs every client of a round observed
   (`observer: {rounds: all, clients: all}` for the tightest audit).
+- `canary_client_audit` (white-box, client level; `data.canaries.kind: client`): canary
+  clients join every cohort under server-side central DP (`central_dp_fixed`), each a Dirac
+  update of the clipping norm on its own coordinate, or zero when left out
+  (`fedsim.federation.canary_clients`); the score is that coordinate's change from the model
+  sent in round 1 to the final one. The bound is compared with the run's client-level epsilon.
 - `canary_gradient_audit` (white-box, the strongest setting; `data.canaries.kind: gradient`):
   Dirac gradient canaries, which DP-SGD adds as per-example gradients of norm C on one
   coordinate each. The score is the single-step gradient the designated client's update
@@ -64,6 +69,7 @@ class CanaryAudit(MembershipAttack):
     # whether the canaries' scores are independent trials of one mechanism (no shared
     # randomness), so the Gaussian-trade-off audit may pool them (`auditing.gdp_audit`)
     independent_trials: ClassVar[bool] = False
+    audited_level: ClassVar[str] = "example"  # the unit of the reported epsilon it is compared with
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -151,3 +157,40 @@ def controlled_scores(
             control = np.delete(read, row, axis=0).mean(0)  # the other clients' pull
             scores[mine] += read[row, mine] - control[mine]
     return scores
+
+
+@ATTACKS.register("canary_client_audit")
+class CanaryClientAudit(CanaryUpdateAudit):
+    """DP audit, white-box, client level: Dirac canary clients read off the released models."""
+
+    threat_model = (
+        "auditor: adds canary clients to every cohort (a Dirac update of the clipping norm on "
+        "one coordinate each, or zero, with probability 1/2) and sees the models the server "
+        "releases; audits central DP's client-level epsilon"
+    )
+    needs_classes = False
+    canary_kind = "client"
+    audited_level = "client"
+    independent_trials = True  # distinct coordinates, independent noise (fedsim.federation.canary_clients)
+
+    @classmethod
+    def check_scenario(cls, params: BaseModel, scenario: Any) -> None:
+        super().check_scenario(params, scenario)
+        rounds = scenario.observer.rounds
+        if not (rounds == "all" or (isinstance(rounds, list) and 1 in rounds)):
+            raise ValueError(
+                f"attack '{cls.registered_name}' reads the model sent in round 1; set observer.rounds "
+                "to include round 1 (e.g. observer: {rounds: [1], clients: all})"
+            )
+
+    def score(self, target: MembershipTarget) -> np.ndarray:
+        """The change of each canary's coordinate over the whole run: the final model minus the
+        one sent in round 1 (a positive factor away from C x rounds x [in] + noise)."""
+        assert target.canary_coordinates is not None
+        first = [u for u in target.updates if u.server_round == 1]
+        if not first:
+            raise UserError(f"attack '{self.name}': no recorded observation of round 1; observe round 1")
+        start = torch.cat([p.detach().flatten() for p in first[0].model.parameters()])
+        end = torch.cat([p.detach().flatten() for p in target.model.parameters()])
+        coordinates = torch.as_tensor(target.canary_coordinates)
+        return (end - start)[coordinates].double().numpy()

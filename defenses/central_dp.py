@@ -289,6 +289,7 @@ class CentralDpFixed(CentralDp):
     Params = FixedParams
     params: FixedParams
     wrapper: ClassVar[type] = ServerSideFixed
+    takes_client_canaries: ClassVar[bool] = True  # the server clips them with the cohort (canary_clients)
 
     def build(self, strategy: Strategy, cohort_size: int) -> Strategy:
         """Flower's fixed-clipping wrapper, in its own accounted mode when accounting."""
@@ -308,6 +309,7 @@ class CentralDpFixedClient(CentralDpFixed):
 
     wrapper = DifferentialPrivacyClientSideFixedClipping
     mod = staticmethod(tolerating_zero_updates(fixedclipping_mod))
+    takes_client_canaries = False  # the server would not clip the canaries' updates
 
 
 class AccountedAdaptive:

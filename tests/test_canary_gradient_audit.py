@@ -136,3 +136,46 @@ def test_white_box_audit_catches_noise_divided_by_ten(tmp_path, monkeypatch):
     assert record["epsilon_lower_bound"] > 2 * record["reported"]["epsilon"]
     assert record["violation"] is True and summary["attacks"]["canary_gradient_audit"]["audit_violation"] is True
     assert record["gaussian_epsilon_bound"] > 2 * record["reported"]["epsilon"] and record["gaussian_violation"] is True
+
+
+CLIENT_SCENARIO = ROOT / "scenarios" / "dp_audit_client.yaml"
+
+
+def client_audit(tmp_path: Path) -> tuple[dict, dict]:
+    from fedsim.pipeline.runner import run_scenario
+
+    run = run_scenario(load_scenario(CLIENT_SCENARIO, []), tmp_path, Console(quiet=True))
+    record = json.loads((run.attacks_dir / "canary_client_audit" / "audit.json").read_text())
+    return record, json.loads(run.summary_path.read_text())
+
+
+def test_client_canaries_audit_central_dp_at_the_client_level(tmp_path):
+    """scenarios/dp_audit_client.yaml: 2,000 Dirac canary clients beside 8 real ones under
+    central_dp_fixed (z = 1, C = 1, 2 rounds): each canary's coordinate sees the Gaussian
+    mechanism twice, sqrt(2)-GDP, so the attack's AUC is Phi(1) = 0.841 and both bounds stay
+    below the reported client-level epsilon; the Gaussian one passes half of it."""
+    record, summary = client_audit(tmp_path)
+    reported = record["reported"]
+    assert reported["kind"] == "client" and reported["relation"] == "zero-out"
+    assert record["auc"] == pytest.approx(stats.norm.cdf(1.0), abs=0.03)
+    assert record["epsilon_lower_bound"] <= reported["epsilon"]
+    assert 0.5 * reported["epsilon"] <= record["gaussian_epsilon_bound"] <= reported["epsilon"]
+    assert record["violation"] is False and record["gaussian_violation"] is False
+    assert summary["attacks"]["canary_client_audit"]["gaussian_epsilon_bound"] == pytest.approx(record["gaussian_epsilon_bound"])
+
+
+def test_client_audit_catches_central_noise_divided_by_ten(tmp_path, monkeypatch):
+    import flwr.serverapp.strategy.dp_fixed_clipping as flower_fixed
+
+    stdv = flower_fixed.compute_stdv
+    monkeypatch.setattr(flower_fixed, "compute_stdv", lambda *args: stdv(*args) / 10)
+    record, _ = client_audit(tmp_path)
+    assert record["auc"] > 0.99
+    assert record["gaussian_epsilon_bound"] > 2 * record["reported"]["epsilon"]
+    assert record["gaussian_violation"] is True
+
+
+@pytest.mark.parametrize("defenses", ["defenses=[]", "defenses=[{name: central_dp_fixed_client, noise_multiplier: 1.0}]"])
+def test_client_canaries_need_server_side_central_dp(defenses):
+    with pytest.raises(UserError, match="client canaries .* add the central_dp_fixed defense"):
+        load_scenario(CLIENT_SCENARIO, [defenses])

@@ -164,10 +164,12 @@ class CanaryConfig(Section):
     """Audit canaries: mislabelled test examples (input) or Dirac per-example gradients
     (gradient), each in a client's training with some probability."""
 
-    kind: Literal["input", "gradient"] = Field(
+    kind: Literal["input", "gradient", "client"] = Field(
         "input", description="input: mislabelled test examples added to the client's data; "
         "gradient: a per-example gradient of norm max_grad_norm on one parameter, added inside "
-        "DP-SGD before the noise (white-box audits; needs dp_sgd)"
+        "DP-SGD before the noise (white-box audits; needs dp_sgd); client: a canary client "
+        "whose update is the clipping norm on one parameter (or zero when left out), joining "
+        "every round's cohort (client-level audits of central DP; needs central_dp_fixed)"
     )
     count: int = Field(0, ge=0, description="canaries (0: none); drawn from the test set, which loses them")
     clients: list[Annotated[int, Field(ge=0)]] | Literal["all"] = Field(
@@ -407,6 +409,14 @@ class Scenario(Section):
             raise ValueError(
                 "data.canaries.kind: gradient canaries are per-example gradients that DP-SGD adds "
                 "before its noise; add the dp_sgd defense, or use kind: input"
+            )
+        if canaries.kind == "client" and canaries.count and not any(
+            getattr(DEFENSES.get(d.name), "takes_client_canaries", False) for d in self.defenses
+        ):
+            raise ValueError(
+                "data.canaries.kind: client canaries are extra clients whose updates server-side "
+                "central DP clips and noises with the cohort's; add the central_dp_fixed defense, "
+                "or use kind: input"
             )
         model_check = getattr(MODELS.get(self.model.name), "check_scenario", None)
         if model_check is not None:  # models that need other sections (e.g. kde's pca: public classes)

@@ -18,6 +18,12 @@ every step the canary is sampled for, exactly as it would add a real example's c
 gradient; with one local step an observer reads it back from the update's coordinate. No test
 example is spent on them.
 
+Client canaries (`kind: client`, white-box audits of server-side central DP) are no clients
+of the partition either: canary i is an extra member of every round's cohort whose update is
+zero except on its coordinate, where it equals the clipping norm C, when it is included, and
+is zero (the zero-out neighbour of client-level DP) when it is not
+(`fedsim.federation.canary_clients`). The noise is calibrated to the cohort with them.
+
 Every draw derives from the data seed, so all parties rebuild the same canaries; the audit
 stage records them in the run directory (`attacks/<name>/canaries.json`).
 """
@@ -53,17 +59,17 @@ class Canaries:
 
     def of_client(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The input canaries that partition `partition_id` trains on (x, wrong labels)."""
-        if self.kind == "gradient":
+        if self.kind != "input":
             return self.x, self.y
         mine = torch.as_tensor((self.client == partition_id) & self.included)
         return self.x[mine], self.y[mine]
 
     def coordinates(self, num_parameters: int) -> np.ndarray:
-        """Gradient canary i's coordinate: a distinct flat index into the parameters
+        """Gradient or client canary i's coordinate: a distinct flat index into the parameters
         (concatenated in `model.parameters()` order), the same for every party."""
         if len(self.included) > num_parameters:
             raise UserError(
-                f"data.canaries.count={len(self.included)}: gradient canaries need a distinct "
+                f"data.canaries.count={len(self.included)}: {self.kind} canaries need a distinct "
                 f"parameter each and the model has {num_parameters}; lower the count"
             )
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xD1AC]))
@@ -78,7 +84,7 @@ class Canaries:
 
     def describe(self) -> list[dict[str, int | bool]]:
         """One JSON record per canary (for the run directory)."""
-        if self.kind == "gradient":
+        if self.kind != "input":
             return [
                 {"included": bool(inc), "client": int(c)}
                 for inc, c in zip(self.included, self.client, strict=True)
@@ -104,17 +110,17 @@ def draw_canaries(
     seed: int,
 ) -> Canaries:
     """`config.count` canaries drawn from the test examples at `test_index` of the pool (x, y),
-    or gradient canaries (which take no example)."""
+    or gradient / client canaries (which take no example)."""
     receivers = list(range(num_partitions)) if config.clients == "all" else config.clients
     bad = [c for c in receivers if not 0 <= c < num_partitions]
     if bad:
         raise UserError(f"data.canaries.clients: {bad} outside 0..{num_partitions - 1}")
     client = np.resize(np.asarray(receivers), config.count)
-    if config.kind == "gradient":
+    if config.kind != "input":
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD1AC, 1]))
         included = rng.random(config.count) < config.probability
         none = np.zeros(0, dtype=np.int64)
-        return Canaries(none, x[none], y[none], included, client, "gradient", seed)
+        return Canaries(none, x[none], y[none], included, client, config.kind, seed)
     if config.count > len(test_index) - 1:
         raise UserError(
             f"data.canaries.count={config.count}: the test set has only {len(test_index)} examples"

@@ -36,6 +36,7 @@ from fedsim.core.results import (
     atomic_write_json,
     prepare_run_directory,
 )
+from fedsim.federation.canary_clients import CanaryClients
 from fedsim.federation.sampling import SeededCohorts
 from fedsim.core.seeding import numpy_global_seed
 from fedsim.federation.training import LocalHyperParams, evaluate
@@ -111,8 +112,13 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
         (spec.name, privacy.strategy_unit(registered, spec.params, strategy)),
         clear_text_metrics=scenario.training.clear_text_metrics,
     )
+    canaries = data.canaries if data.canaries is not None and data.canaries.kind == "client" else None
+    cohort = scenario.cohort_size + (len(canaries.included) if canaries is not None else 0)
     for defense in server_defenses:
-        strategy = defense.wrap(strategy, scenario.cohort_size, scenario.federation.rounds)
+        strategy = defense.wrap(strategy, cohort, scenario.federation.rounds)
+    if canaries is not None:  # the auditor's canary clients join every cohort (see canary_clients)
+        clipping = next(d.params.clipping_norm for d in server_defenses if getattr(d, "takes_client_canaries", False))
+        strategy = CanaryClients(strategy, canaries, clipping, [name for name, _ in model.named_parameters()])
     strategy = SeededCohorts(
         strategy, scenario.seed, scenario.data.num_clients, scenario.cohort_size, evaluate_size
     )

@@ -206,10 +206,11 @@ def attack_updates(
         _write(out_dir, spec, attack, observation.stem, scores, truth, time.perf_counter() - started, extra, console)
 
 
-def reported_example_epsilon(run: RunDirectory) -> dict[str, Any] | None:
-    """The largest example-level epsilon of the run's last round (with its unit), or None."""
+def reported_epsilon(run: RunDirectory, level: str = "example") -> dict[str, Any] | None:
+    """The largest `level` (example or client) epsilon of the run's last round (with its
+    unit), or None."""
     rounds = list(run.metrics())
-    entries = [e for e in (rounds[-1].get("privacy", []) if rounds else []) if e["kind"] == "example"]
+    entries = [e for e in (rounds[-1].get("privacy", []) if rounds else []) if e["kind"] == level]
     return max(entries, key=lambda e: e["epsilon"]) if entries else None
 
 
@@ -223,9 +224,9 @@ def attack_canaries(
 ) -> None:
     """An audit: the attack scores the run's canaries, Steinke et al.'s one-run bound follows.
 
-    The bound is compared with the reported example-level epsilon (same unit: one example
-    added or removed); a bound above it is a privacy bug (`violation`). Without an
-    example-level epsilon the bound is reported alone (delta 1e-5).
+    The bound is compared with the reported epsilon of the attack's `audited_level` (example:
+    one example added or removed; client: one client's update zeroed); a bound above it is a
+    privacy bug (`violation`). Without such an epsilon the bound is reported alone (delta 1e-5).
     """
     out_dir = run.attack_dir(spec, scenario)
     if _done(out_dir, spec, "audit"):
@@ -250,13 +251,13 @@ def attack_canaries(
         reference_models=_no_reference_models,
         canary_clients=canaries.client,
         updates=updates,
-        canary_coordinates=canaries.coordinates(parameter_count(model)) if canaries.kind == "gradient" else None,
+        canary_coordinates=canaries.coordinates(parameter_count(model)) if canaries.kind != "input" else None,
     )
     started = time.perf_counter()
     scores = np.asarray(attack.score(target), dtype=np.float64)
     # the trials themselves, so audits of several runs can be pooled (benchmarks/gradient_audit.py)
     atomic_write_json(out_dir / "trials.json", {"scores": scores.tolist(), "included": canaries.included.tolist()})
-    reported = reported_example_epsilon(run)
+    reported = reported_epsilon(run, getattr(attack, "audited_level", "example"))
     delta = reported["delta"] if reported else 1e-5
     beta = getattr(spec.params, "beta", DEFAULT_BETA)
     audit = one_run_audit(scores, canaries.included, delta, beta)
