@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AttackResult", "Run", "Scenario", "attack", "from_gradient", "run", "scenario", "sweep"]
+__all__ = ["AttackResult", "Run", "Scenario", "attack", "from_gradient", "pooled_audit", "run", "scenario", "sweep"]
 
 
 def _version() -> str:

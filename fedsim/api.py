@@ -179,6 +179,15 @@ def attack(
     return AttackResult(recons, pd.DataFrame(scores))
 
 
+def pooled_audit(runs: list[str | Path], attack: str, beta: float = 0.05) -> dict[str, Any]:
+    """The multi-run audit of `attack` over `runs` (one scenario's run directories, seeds
+    apart): Jagielski et al.'s bound and the Gaussian-trade-off bound on the pooled canaries
+    (`fedsim.pipeline.pooled_audit`)."""
+    from fedsim.pipeline.pooled_audit import pooled_audit as pool
+
+    return pool(runs, attack, beta)
+
+
 def sweep(
     spec: Mapping[str, Any] | str | Path,
     workers: int | None = None,

@@ -1,4 +1,4 @@
-"""The `fedsim` command: run, validate, list, attack, sweep, report.
+"""The `fedsim` command: run, validate, list, attack, sweep, audit, report.
 
 Bad input (a scenario typo, an unknown name, a missing file) prints one line naming the
 field and the fix, and exits with code 2; results already written stay on disk.
@@ -198,6 +198,30 @@ def sweep(
     tracker = MlflowTracker(mlflow, plan.spec.name) if mlflow else None
     if run_sweep(plan, console, tracker).failures:
         sys.exit(1)  # some cells failed (see their log.txt); rerunning retries only those
+
+
+@cli.command()
+def audit(
+    runs: Annotated[list[Path], typer.Argument(help="run directories of one scenario, seeds apart")],
+    attack: Annotated[str, typer.Option(help="the audit attack whose trials are pooled")] = "canary_gradient_audit",
+    out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
+) -> None:
+    """Multi-run audit: pool an audit's canaries over several runs; print both bounds."""
+    from fedsim.core.results import atomic_write_json
+    from fedsim.pipeline.pooled_audit import pooled_audit
+
+    result = pooled_audit(runs, attack)
+    claim = result["reported"]
+    table = Table(title=f"{attack}: {len(result['runs'])} runs, {result['trials']} trials")
+    for column in ("bound", "epsilon >=", "reported epsilon", "above it"):
+        table.add_column(column)
+    reported = f"{claim['epsilon']:.3f} ({claim['kind']}-level)" if claim and claim["epsilon"] is not None else "-"
+    for name, key, flag in (("multi-run (Clopper-Pearson)", "multi_run", "violation"),
+                            ("Gaussian trade-off", "gaussian", "gaussian_violation")):
+        table.add_row(name, f"{result[key]['epsilon_lower_bound']:.3f}", reported, "yes: privacy bug" if result[flag] else "no")
+    console.print(table)
+    if out is not None:
+        atomic_write_json(out, result)
 
 
 @cli.command()

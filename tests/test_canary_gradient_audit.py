@@ -179,3 +179,33 @@ def test_client_audit_catches_central_noise_divided_by_ten(tmp_path, monkeypatch
 def test_client_canaries_need_server_side_central_dp(defenses):
     with pytest.raises(UserError, match="client canaries .* add the central_dp_fixed defense"):
         load_scenario(CLIENT_SCENARIO, [defenses])
+
+
+def test_multi_run_audit_pools_the_seeds_of_one_scenario(tmp_path):
+    """Three one-round runs of the gradient-canary scenario (sigma 1: mu = 1, epsilon 4.39),
+    seeds 0-2: `fedsim audit` pools their 6,000 trials; both bounds stay below epsilon and the
+    pooled Gaussian bound is above the one-run bounds' best."""
+    from cli_helpers import run_cli
+
+    from fedsim.pipeline.pooled_audit import pooled_audit
+    from fedsim.pipeline.runner import run_scenario
+
+    runs = []
+    for seed in range(3):
+        scenario = audit_scenario("defenses.0.noise_multiplier=1.0", f"seed={seed}")
+        runs.append(run_scenario(scenario, tmp_path / f"seed{seed}", Console(quiet=True)).root)
+    result = pooled_audit(runs, "canary_gradient_audit")
+    reported = result["reported"]["epsilon"]
+    assert result["trials"] == 6000 and reported == pytest.approx(4.39, abs=0.02)
+    assert result["multi_run"]["epsilon_lower_bound"] <= result["gaussian"]["epsilon_lower_bound"] <= reported
+    singles = [json.loads((r / "attacks" / "canary_gradient_audit" / "audit.json").read_text()) for r in runs]
+    assert result["gaussian"]["epsilon_lower_bound"] > max(s["gaussian_epsilon_bound"] for s in singles)
+    assert not result["violation"] and not result["gaussian_violation"]
+    code, out, _ = run_cli("audit", *runs, "--attack", "canary_gradient_audit", "--out", tmp_path / "pooled.json")
+    assert code == 0 and "6000 trials" in out
+    assert json.loads((tmp_path / "pooled.json").read_text())["trials"] == 6000
+    other = run_scenario(audit_scenario("defenses.0.noise_multiplier=2.0"), tmp_path / "other", Console(quiet=True)).root
+    with pytest.raises(UserError, match="differ in more than their seed"):
+        pooled_audit([runs[0], other], "canary_gradient_audit")
+    with pytest.raises(UserError, match="not independent trials"):
+        pooled_audit(runs, "canary_audit")
