@@ -117,3 +117,22 @@ def test_a_shadow_cached_for_other_examples_is_trained_again(tmp_path: Path) -> 
     assert not np.array_equal(first[0].members, again[0].members)
     cached = yaml.safe_load((tmp_path / "cache" / "shadows" / "shadow_00" / "scenario.yaml").read_text())
     assert np.array_equal(np.flatnonzero(again[0].members), cached["data"]["train_pool"])
+
+
+def test_each_audit_is_drawn_against_the_epsilon_of_the_level_it_audits() -> None:
+    import pandas as pd
+
+    from fedsim.reporting.audit_figures import empirical_vs_reported, reported_column
+
+    assert reported_column("canary_gradient_audit") == "epsilon_example"
+    assert reported_column("canary_client_audit") == "epsilon_client"
+    summary = pd.DataFrame({
+        "epsilon_example": [2.0, np.nan], "epsilon_client": [np.nan, 7.0],
+        "canary_gradient_audit_epsilon_lower_bound": [1.1, np.nan],
+        "canary_client_audit_epsilon_lower_bound": [np.nan, 5.3],
+    })  # fmt: skip
+    figure, caption = empirical_vs_reported(summary)
+    points = {line.get_label(): (line.get_xdata(), line.get_ydata()) for line in figure.axes[0].lines}
+    x, y = points["canary_client_audit (client-level)"]
+    assert float(np.nanmax(np.asarray(y, dtype=float))) == 5.3 and 7.0 in np.asarray(x, dtype=float)
+    assert "canary_client_audit: 0" in caption and "canary_gradient_audit: 0" in caption

@@ -1,9 +1,10 @@
 """The empirical-privacy figures: audits' epsilon lower bounds, membership ROC curves.
 
-`empirical_vs_reported`: each audit's lower bound against the reported epsilon. A sound
-accountant keeps every point on or below the y = x line; a point above it is a privacy bug (the
-audit's 95 % lower bound exceeds the epsilon the run reports). Runs without an example-level
-epsilon (no DP) are drawn at the right edge, labelled "no DP".
+`empirical_vs_reported`: each audit's lower bound against the reported epsilon of the level
+it audits (example-level, or client-level for `canary_client_audit`: the attack's
+`audited_level`). A sound accountant keeps every point on or below the y = x line; a point
+above it is a privacy bug (the audit's 95 % lower bound exceeds the epsilon the run reports).
+Runs without such an epsilon (no DP) are drawn at the right edge, labelled "no DP".
 
 `roc_figures`: per membership attack, one ROC curve per run, on log-log axes as Carlini et al.
 (2022) plot them (the low-FPR corner is what an attacker can act on), with the chance diagonal.
@@ -19,11 +20,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fedsim.core.registry import ATTACKS
 from fedsim.core.results import RunDirectory, read_record
 from fedsim.evaluation.membership import RocCurve, load_roc
 
 BOUND = "_epsilon_lower_bound"
-REPORTED = "epsilon_example"
+
+
+def reported_column(audit: str) -> str:
+    """The summary column of the reported epsilon `audit` is compared with (`epsilon_<level>`)."""
+    return f"epsilon_{getattr(ATTACKS.get(audit), 'audited_level', 'example')}"
 
 
 def audits_of(summary: pd.DataFrame) -> list[str]:
@@ -34,30 +40,32 @@ def audits_of(summary: pd.DataFrame) -> list[str]:
 
 
 def empirical_vs_reported(summary: pd.DataFrame) -> tuple[Figure, str] | None:
-    """Lower bound (y) against reported example-level epsilon (x) per audit, with y = x."""
+    """Lower bound (y) against the reported epsilon of its level (x) per audit, with y = x."""
     audits = audits_of(summary)
     if not audits:
         return None
-    reported = pd.to_numeric(summary.get(REPORTED, pd.Series(np.nan, index=summary.index)), errors="coerce")
-    finite = reported[np.isfinite(reported)]
+    missing = pd.Series(np.nan, index=summary.index)
+    reported = {a: pd.to_numeric(summary.get(reported_column(a), missing), errors="coerce") for a in audits}
+    finite = [v for r in reported.values() for v in r[np.isfinite(r)].tolist()]
     bounds = np.concatenate([summary[f"{a}{BOUND}"].dropna().to_numpy() for a in audits])
-    edge = max([*finite.tolist(), *bounds.tolist(), 1.0]) * 1.25  # where "no DP" runs go
-    x = reported.where(np.isfinite(reported), edge)
+    edge = max([*finite, *bounds.tolist(), 1.0]) * 1.25  # where "no DP" runs go
     figure = Figure(figsize=(5, 4.5))
     axes = figure.subplots()
     axes.plot([0, edge], [0, edge], "k--", linewidth=0.8, label="y = x (reported)")
     for audit in audits:
-        axes.plot(x, summary[f"{audit}{BOUND}"], "o", label=audit)
+        x = reported[audit].where(np.isfinite(reported[audit]), edge)
+        axes.plot(x, summary[f"{audit}{BOUND}"], "o", label=f"{audit} ({reported_column(audit).removeprefix('epsilon_')}-level)")
     axes.axvline(edge, color="0.8", linewidth=0.8)
     axes.text(edge, 0, " no DP", rotation=90, va="bottom", ha="right", fontsize=8, color="0.4")
-    axes.set(xlim=(0, edge * 1.05), ylim=(0, edge * 1.05), xlabel="reported epsilon (example-level)",
+    axes.set(xlim=(0, edge * 1.05), ylim=(0, edge * 1.05), xlabel="reported epsilon (of the audited level)",
              ylabel="audited epsilon lower bound (95 %)")  # fmt: skip
     axes.legend(loc="upper left", fontsize=8)
     above = [
-        f"{a}: {int((summary[f'{a}{BOUND}'] > reported).sum())}" for a in audits
+        f"{a}: {int((summary[f'{a}{BOUND}'] > reported[a]).sum())}" for a in audits
     ]  # points above the line: each a privacy bug
     caption = (
-        "Each audit's one-run epsilon lower bound against the reported example-level epsilon; "
+        "Each audit's one-run epsilon lower bound against the reported epsilon of the level it "
+        "audits (example or client); "
         f"points above y = x contradict the accountant ({', '.join(above)}). "
         f"No-DP runs at the right edge (x = {edge:.3g} stands for infinity)."
     )
