@@ -81,19 +81,18 @@ class CanaryClients(Strategy):
         if self.coordinates is None:
             self.coordinates = self.canaries.coordinates(sum(sizes))
         offsets = np.cumsum([0, *sizes])
+        # every canary sends the sent arrays but (at most) one: those are shared, not copied K times
+        unchanged = {name: self.sent[name] for name in self.sent.keys()}
         replies = []
         for coordinate, included in zip(self.coordinates, self.canaries.included, strict=True):
-            arrays = dict(sent)
+            arrays = dict(unchanged)
             if included:
                 which = int(np.searchsorted(offsets, coordinate, side="right")) - 1
                 name = self.parameter_names[which]
                 moved = sent[name].copy()
                 moved.reshape(-1)[coordinate - offsets[which]] += self.clipping_norm
-                arrays[name] = moved
-            content = RecordDict({
-                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-                "metrics": MetricRecord(dict(metrics)),
-            })  # fmt: skip
+                arrays[name] = Array(moved)
+            content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(dict(metrics))})
             replies.append(Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN))
         return replies
 
