@@ -195,6 +195,7 @@ class CentralDp(ServerTimeDefense):
 
     Params: ClassVar[type[CentralDpParams]]
     mod: ClassVar[Mod | None] = None  # Flower's client mod, for the client-side variants
+    takes_client_canaries: ClassVar[bool] = True  # the wrapper clips and noises them with the cohort (canary_clients)
 
     params: CentralDpParams
     _strategy: Any = None
@@ -248,6 +249,10 @@ class CentralDp(ServerTimeDefense):
     def client_mod(self) -> Mod | None:
         return self.mod
 
+    def current_clipping_norm(self) -> float:
+        """The norm this round's updates are clipped to (adaptive variants move it each round)."""
+        return float(self._strategy.clipping_norm)
+
     def privacy_unit(self) -> PrivacyUnit | None:
         """Client-level, zero-out: the cohort size m is fixed (every sampled client must
         reply, and the sum is divided by m), so the neighbour keeps m clients, one of them
@@ -289,7 +294,6 @@ class CentralDpFixed(CentralDp):
     Params = FixedParams
     params: FixedParams
     wrapper: ClassVar[type] = ServerSideFixed
-    takes_client_canaries: ClassVar[bool] = True  # the server clips them with the cohort (canary_clients)
 
     def build(self, strategy: Strategy, cohort_size: int) -> Strategy:
         """Flower's fixed-clipping wrapper, in its own accounted mode when accounting."""
@@ -309,7 +313,6 @@ class CentralDpFixedClient(CentralDpFixed):
 
     wrapper = DifferentialPrivacyClientSideFixedClipping
     mod = staticmethod(tolerating_zero_updates(fixedclipping_mod))
-    takes_client_canaries = False  # the server would not clip the canaries' updates
 
 
 class AccountedAdaptive:

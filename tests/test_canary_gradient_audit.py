@@ -175,10 +175,33 @@ def test_client_audit_catches_central_noise_divided_by_ten(tmp_path, monkeypatch
     assert record["gaussian_violation"] is True
 
 
-@pytest.mark.parametrize("defenses", ["defenses=[]", "defenses=[{name: central_dp_fixed_client, noise_multiplier: 1.0}]"])
-def test_client_canaries_need_server_side_central_dp(defenses):
-    with pytest.raises(UserError, match="client canaries .* add the central_dp_fixed defense"):
-        load_scenario(CLIENT_SCENARIO, [defenses])
+@pytest.mark.parametrize(
+    "defense",
+    [
+        "{name: central_dp_fixed_client, noise_multiplier: 1.0, clipping_norm: 1.0}",
+        "{name: central_dp_adaptive, noise_multiplier: 1.0, initial_clipping_norm: 1.0, clipped_count_stddev: 5}",
+        "{name: central_dp_adaptive_client, noise_multiplier: 1.0, initial_clipping_norm: 1.0, clipped_count_stddev: 5}",
+    ],
+)
+def test_client_canaries_audit_every_central_dp_variant(tmp_path, defense):
+    """Client-side clipping (Flower's mods) and adaptive clipping, where C moves every round
+    (1 -> 0.90 -> 0.82 here: the canaries are never clipped) and each canary adds the round's
+    C: canary i's score is C_1 + C_2 against noise sqrt(C_1^2 + C_2^2) z, mu = 1.41 as with a
+    fixed C, so the AUC is Phi(1) again and both bounds stay below the reported epsilon (the
+    adaptive ones account the noised count too: z_eff = 0.985)."""
+    from fedsim.pipeline.runner import run_scenario
+
+    run = run_scenario(load_scenario(CLIENT_SCENARIO, [f"defenses=[{defense}]"]), tmp_path, Console(quiet=True))
+    record = json.loads((run.attacks_dir / "canary_client_audit" / "audit.json").read_text())
+    assert record["reported"]["kind"] == "client"
+    assert record["auc"] == pytest.approx(stats.norm.cdf(1.0), abs=0.03)
+    assert record["epsilon_lower_bound"] <= record["gaussian_epsilon_bound"] <= record["reported"]["epsilon"]
+    assert record["gaussian_epsilon_bound"] >= 0.5 * record["reported"]["epsilon"]
+
+
+def test_client_canaries_need_central_dp():
+    with pytest.raises(UserError, match="client canaries .* add a central_dp_\\* defense"):
+        load_scenario(CLIENT_SCENARIO, ["defenses=[]"])
 
 
 def test_multi_run_audit_pools_the_seeds_of_one_scenario(tmp_path):

@@ -169,7 +169,7 @@ class CanaryConfig(Section):
         "gradient: a per-example gradient of norm max_grad_norm on one parameter, added inside "
         "DP-SGD before the noise (white-box audits; needs dp_sgd); client: a canary client "
         "whose update is the clipping norm on one parameter (or zero when left out), joining "
-        "every round's cohort (client-level audits of central DP; needs central_dp_fixed)"
+        "every round's cohort (client-level audits of central DP; needs a central_dp_* defense)"
     )
     count: int = Field(0, ge=0, description="canaries (0: none); drawn from the test set, which loses them")
     clients: list[Annotated[int, Field(ge=0)]] | Literal["all"] = Field(
@@ -414,9 +414,8 @@ class Scenario(Section):
             getattr(DEFENSES.get(d.name), "takes_client_canaries", False) for d in self.defenses
         ):
             raise ValueError(
-                "data.canaries.kind: client canaries are extra clients whose updates server-side "
-                "central DP clips and noises with the cohort's; add the central_dp_fixed defense, "
-                "or use kind: input"
+                "data.canaries.kind: client canaries are extra clients whose updates central DP "
+                "clips and noises with the cohort's; add a central_dp_* defense, or use kind: input"
             )
         model_check = getattr(MODELS.get(self.model.name), "check_scenario", None)
         if model_check is not None:  # models that need other sections (e.g. kde's pca: public classes)

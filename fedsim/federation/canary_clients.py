@@ -6,7 +6,8 @@ client`, `fedsim.data.canaries`) make that test as easy as it can be: canary i's
 zero except on its own coordinate j_i of the flattened parameters, where it is the clipping
 norm C when the canary is included, and the zero update (its zero-out neighbour) when it is
 not. `CanaryClients` wraps the central-DP strategy and adds those K replies to each round's
-real ones before clipping; the central-DP wrapper is built for a cohort of m + K clients, so
+real ones before clipping (every variant: norm C is what a client-side mod sends unclipped,
+and under adaptive clipping C is the round's current norm); the central-DP wrapper is built for a cohort of m + K clients, so
 the released average carries noise of std z C / (m + K), z C on the sum, exactly as for m + K
 real clients. (Flower's accounted wrapper checks that it configured m + K clients: the
 wrapper shows it a Grid with K placeholder nodes, `CanaryGrid`, and drops their train
@@ -18,12 +19,13 @@ observer does not record them as clients.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from fedsim.data.canaries import Canaries
 from fedsim.federation.grid_view import GridView
@@ -57,10 +59,12 @@ class CanaryGrid(GridView):
 class CanaryClients(Strategy):
     """Wraps a strategy so each round's replies include the K canary clients' updates."""
 
-    def __init__(self, inner: Strategy, canaries: Canaries, clipping_norm: float, parameter_names: list[str]) -> None:
+    def __init__(
+        self, inner: Strategy, canaries: Canaries, clipping_norm: Callable[[], float], parameter_names: list[str]
+    ) -> None:
         self.inner = inner
         self.canaries = canaries
-        self.clipping_norm = clipping_norm
+        self.clipping_norm = clipping_norm  # read each round: adaptive clipping moves it
         self.parameter_names = parameter_names
         self.coordinates: np.ndarray | None = None  # set once the sizes are seen
         self.sent: ArrayRecord | None = None
@@ -73,9 +77,14 @@ class CanaryClients(Strategy):
         return [m for m in messages if m.metadata.dst_node_id < PLACEHOLDER_NODES]
 
     def canary_replies(self, metrics: MetricRecord) -> list[Message]:
-        """One reply per canary: the sent arrays, plus C on its coordinate when it is included,
-        with `metrics` (the real replies' means: aggregated metrics stay as they were)."""
+        """One reply per canary: the sent arrays, plus this round's C on its coordinate when it
+        is included, with `metrics` (the real replies' means: aggregated metrics stay as they
+        were) and, under client-side adaptive clipping, the bit Flower's mod sends for an
+        update of norm at most C (0: not clipped)."""
         assert self.sent is not None
+        if KEY_NORM_BIT in metrics:
+            metrics[KEY_NORM_BIT] = 0
+        clipping_norm = self.clipping_norm()
         sent = {name: self.sent[name].numpy() for name in self.sent.keys()}
         sizes = [sent[name].size for name in self.parameter_names]
         if self.coordinates is None:
@@ -90,7 +99,7 @@ class CanaryClients(Strategy):
                 which = int(np.searchsorted(offsets, coordinate, side="right")) - 1
                 name = self.parameter_names[which]
                 moved = sent[name].copy()
-                moved.reshape(-1)[coordinate - offsets[which]] += self.clipping_norm
+                moved.reshape(-1)[coordinate - offsets[which]] += clipping_norm
                 arrays[name] = Array(moved)
             content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(dict(metrics))})
             replies.append(Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN))

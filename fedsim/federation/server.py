@@ -117,8 +117,9 @@ def serve(grid: Grid, scenario: Scenario, run: RunDirectory, on_round: RoundCall
     for defense in server_defenses:
         strategy = defense.wrap(strategy, cohort, scenario.federation.rounds)
     if canaries is not None:  # the auditor's canary clients join every cohort (see canary_clients)
-        clipping = next(d.params.clipping_norm for d in server_defenses if getattr(d, "takes_client_canaries", False))
-        strategy = CanaryClients(strategy, canaries, clipping, [name for name, _ in model.named_parameters()])
+        central_dp = next(d for d in server_defenses if getattr(d, "takes_client_canaries", False))
+        names = [name for name, _ in model.named_parameters()]
+        strategy = CanaryClients(strategy, canaries, central_dp.current_clipping_norm, names)
     strategy = SeededCohorts(
         strategy, scenario.seed, scenario.data.num_clients, scenario.cohort_size, evaluate_size
     )
