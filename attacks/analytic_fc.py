@@ -11,8 +11,8 @@ a mix, sum_b g_bi x_b / sum_b g_bi with g_bi = dL/dz_bi of the example b, which 
 exactly wherever only that example reached row i (after a ReLU: the others were inactive, so
 their g_bi = 0). Rows that agree with each other therefore mark single examples: the attack
 clusters the rows' candidates (max-abs distance below `tolerance`) and returns the `images`
-largest clusters. This is what is cheap and exact; SPEAR (Dimitrov et al. 2024) recovers whole
-batches from the low rank of dL/dW and is not implemented here. The update is used as is: the
+largest clusters. This is what is cheap and exact; `spear` (Dimitrov et al. 2024,
+attacks/spear.py) recovers whole batches from the low rank and sparsity of dL/dW. The update is used as is: the
 ratio is blind to lr and scale, exact for one SGD step, approximate after several.
 """
 

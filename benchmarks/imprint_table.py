@@ -1,5 +1,5 @@
 """Malicious servers against SecAgg+: examples recovered by Robbing the Fed (`imprint`) and
-trap weights (`trap_weights`), with the honest server's `analytic_fc` for reference.
+trap weights (`trap_weights`), with the honest server's `analytic_fc` and `spear` for reference.
 
 Runs scenarios/imprint_secagg.yaml (4 clients, one SGD step each, 8x8 digits, mlp [256] ReLU)
 with and without SecAgg+ for several per-client batch sizes, and prints per case the examples
@@ -9,6 +9,7 @@ round's 4 x batch under SecAgg+, one client's batch without.
 
     python benchmarks/imprint_table.py                       (the tables in docs/malicious_server.md)
     python benchmarks/imprint_table.py --attacks imprint     (imprint's rows only)
+    python benchmarks/imprint_table.py --attacks spear       (SPEAR's rows)
     python benchmarks/imprint_table.py --fast                (one case)
 """
 
@@ -42,13 +43,13 @@ def attack_specs(name: str, batch: int, secagg: bool, bins: list[int]) -> list[t
     if name == "trap_weights":
         activation = 1 / (CLIENTS * batch if secagg else batch)
         return [(f"activation {activation:.3g}", f"{{name: trap_weights, activation: {activation}}}")]
-    return [("", "{name: analytic_fc}")]
+    return [("", f"{{name: {name}}}")]  # the honest server's analytic attacks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="one case only")
-    parser.add_argument("--attacks", nargs="+", choices=("imprint", "trap_weights", "analytic_fc"),
+    parser.add_argument("--attacks", nargs="+", choices=("imprint", "trap_weights", "analytic_fc", "spear"),
                         default=["imprint", "trap_weights", "analytic_fc"])
     args = parser.parse_args()
     cases = {8: [128]} if args.fast else {2: [128], 8: [64, 128], 16: [128, 256]}
