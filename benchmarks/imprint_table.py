@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="one case only")
     parser.add_argument("--attacks", nargs="+", choices=("imprint", "trap_weights", "analytic_fc", "spear"),
-                        default=["imprint", "trap_weights", "analytic_fc"])
+                        default=["imprint", "trap_weights", "analytic_fc", "spear"])
     args = parser.parse_args()
     cases = {8: [128]} if args.fast else {2: [128], 8: [64, 128], 16: [128, 256]}
     print("| attack | setting | per-client batch | examples in round | SecAgg+ | exact (PSNR > 60 dB) | median PSNR dB |")
