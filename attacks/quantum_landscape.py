@@ -111,7 +111,7 @@ class QuantumGridScan(QuantumAttack):
 
 @dataclass
 class ScanResult:
-    """Per target (K of them): best input (K, F), its loss D and implied label (K,), the
+    """Per target (K of them): best input (K, n F), its loss D (K,) and implied labels (K, n), the
     resolution of the last pass, the grid points evaluated over all passes, and whether D
     fell below the tolerance."""
 
@@ -127,12 +127,12 @@ def grid_scan(oracle: QuantumGradientOracle, p: QuantumGridScan.Params) -> ScanR
     """The adaptive scan on each of the oracle's K targets (module docstring). Each pass polishes
     all targets still above the tolerance as one batch; a pass whose grid would exceed
     `max_points` ends the refinement (the first one is refused)."""
-    features, periodic = oracle.num_features, oracle.period is not None
+    features, periodic = oracle.dimension, oracle.period is not None
     targets = len(oracle.observed)
     result = ScanResult(
         x=torch.zeros(targets, features, dtype=torch.float64),
         loss=torch.full((targets,), math.inf, dtype=torch.float64),
-        labels=torch.zeros(targets, dtype=torch.float64 if oracle.regression else torch.int64),
+        labels=torch.zeros(targets, oracle.examples, dtype=torch.float64 if oracle.regression else torch.int64),
         points_per_cycle=torch.zeros(targets, dtype=torch.int64),
         grid_points=torch.zeros(targets, dtype=torch.int64),
         found=torch.zeros(targets, dtype=torch.bool),
@@ -144,7 +144,7 @@ def grid_scan(oracle: QuantumGradientOracle, p: QuantumGridScan.Params) -> ScanR
         if total > p.max_points:
             if resolution == p.points_per_cycle:
                 raise UserError(
-                    f"quantum_grid_scan: {features} features need {points}^{features} = {total} grid "
+                    f"quantum_grid_scan: {features} unknowns (features x examples) need {points}^{features} = {total} grid "
                     f"points, above max_points {p.max_points}; lower points_per_cycle or use quantum_gradient_matching"
                 )
             break

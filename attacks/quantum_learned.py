@@ -101,6 +101,8 @@ class InputCode:
 class QuantumLearned(QuantumAttack):
     """Learning-based inversion: a network fitted to simulated (gradient, input) pairs."""
 
+    takes_batches = False  # the network maps one example's gradient to its input
+
     class Params(QuantumAttackParams):
         samples: int = Field(8192, ge=16, description="simulated clients (80% train, 20% held out)")
         hidden: list[int] = Field(

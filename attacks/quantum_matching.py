@@ -10,7 +10,7 @@ loss (the attacker cannot see the truth); success, scored later, is the distance
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +24,7 @@ from fedsim.core.seeding import torch_generator
 
 THREAT_MODEL = (
     "honest-but-curious server (Kumar et al.): knows the circuit, weights, observable and loss; "
-    "sees one client's single-example SGD gradient"
+    "sees one client's SGD update (Kumar et al.: one example, one step)"
 )
 
 
@@ -44,6 +44,9 @@ class QuantumAttack(GradientAttack):
     """Shared by the quantum attacks: threat model, oracle, seeded randomness, output."""
 
     params: QuantumAttackParams
+    takes_batches: ClassVar[bool] = True
+    """The attack inverts a batch's averaged gradient and several local steps (the candidate
+    is every example behind the update); False: one example's single step only."""
 
     @property
     def threat_model(self) -> str:  # type: ignore[override]
@@ -56,8 +59,8 @@ class QuantumAttack(GradientAttack):
                 raise UserError(
                     "attack labels: known, but the target carries no labels; set labels: unknown"
                 )
-            label = target.known_labels[:1]
-        return QuantumGradientOracle.for_target(target, label)
+            label = target.known_labels
+        return QuantumGradientOracle.for_target(target, label, batches=self.takes_batches)
 
     def generator(self, target: GradientTarget) -> torch.Generator:
         return torch_generator(self.seed, "quantum", target.server_round, target.client)
@@ -71,13 +74,13 @@ class QuantumAttack(GradientAttack):
         loss: float,
         **details: object,
     ) -> Reconstruction:
-        """One reconstructed example, shaped like the data, with the label it implies.
+        """The reconstructed examples x (n F,), shaped like the data, with the labels they imply.
 
         `details["period"]` tells the scorer the inputs are periodic (Fourier encoding).
         """
         return Reconstruction(
-            images=x.detach().float().reshape(1, *target.input_shape),
-            labels=label.detach().reshape(1),
+            images=x.detach().float().reshape(-1, *target.input_shape),
+            labels=label.detach().reshape(-1),
             attack_loss=loss,
             details={"period": oracle.period, **details},
         )
@@ -119,7 +122,7 @@ class QuantumGradientMatching(QuantumAttack):
         oracle = self.oracle(target)
         starts = torch.rand(
             self.params.restarts,
-            oracle.num_features,
+            oracle.dimension,
             generator=self.generator(target),
             dtype=torch.float64,
         )

@@ -99,7 +99,7 @@ class QuantumNumericalInversion(QuantumAttack):
     def reconstruct(self, target: GradientTarget) -> Reconstruction:
         p = self.params
         oracle = self.oracle(target)
-        x = torch.rand(p.restarts, oracle.num_features, generator=self.generator(target), dtype=torch.float64)
+        x = torch.rand(p.restarts, oracle.dimension, generator=self.generator(target), dtype=torch.float64)
         window = torch.full((p.restarts,), p.window, dtype=torch.float64)
         best = torch.full((p.restarts,), torch.inf, dtype=torch.float64)
         best_x, stalled = x.clone(), torch.zeros(p.restarts, dtype=torch.long)
@@ -127,7 +127,7 @@ class QuantumNumericalInversion(QuantumAttack):
             final.labels[winner],
             float(final.loss[winner]),
             restarts=p.restarts,
-            objective_evaluations=(p.iterations + p.polish + 1) * p.restarts * (1 + 2 * p.samples * oracle.num_features),
+            objective_evaluations=(p.iterations + p.polish + 1) * p.restarts * (1 + 2 * p.samples * oracle.dimension),
             final_window=float(window[winner]),
             restart_losses=final.loss.tolist(),
         )

@@ -101,7 +101,7 @@ def shot_gradients(
     ones = torch.full_like(mu, float(shots))
     estimate = 2 * torch.binomial(ones, ((1 + mu) / 2).clamp(0, 1), generator=generator) / shots - 1
     slope = (estimate[:, 1 : d + 1] - estimate[:, d + 1 :]) / 2
-    return 2 * (estimate[:, :1] - oracle.known_labels.unsqueeze(1)) * slope
+    return 2 * (estimate[:, :1] - oracle.known_labels) * slope
 
 
 def with_observed(oracle: QuantumGradientOracle, observed: torch.Tensor, simulator: VQC | None = None) -> QuantumGradientOracle:
@@ -149,7 +149,7 @@ def stage_shot_check(c: dict) -> dict:
     pennylane = []
     for _ in range(c["repeats"]):
         model.zero_grad()
-        (model(x)[:, 0] - oracle.known_labels).square().sum().backward()
+        (model(x)[:, 0] - oracle.known_labels[:, 0]).square().sum().backward()
         pennylane.append(model.quantum.weights.grad.flatten().clone())
     generator = torch.Generator().manual_seed(derive_seed(SEED, "shot-check"))
     batched = [shot_gradients(oracle, x, c["shots"], generator)[0] for _ in range(c["repeats"])]

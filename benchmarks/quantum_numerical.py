@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_quantum import fourier_vqc, observed_target, random_example  # noqa: E402
+from quantum_cases import fourier_vqc, observed_target, random_example  # noqa: E402
 
 from fedsim.attacks.quantum_matching import QuantumGradientMatching  # noqa: E402
 from fedsim.attacks.quantum_numerical import QuantumNumericalInversion  # noqa: E402

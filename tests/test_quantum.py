@@ -33,7 +33,6 @@ from fedsim.attacks.quantum_numerical import QuantumNumericalInversion, kalman_u
 from fedsim.attacks.quantum_oracle import QuantumGradientOracle, circular_distance
 from fedsim.defenses import quantum_grad_sampler  # noqa: F401  (Opacus's sampler for QuantumLayer)
 from fedsim.defenses.dp_sgd import DpSgd
-from fedsim.core.attack import GradientTarget
 from fedsim.core.config import build_scenario
 from fedsim.data.datasets import FederatedData, TensorData
 from fedsim.core.defense import LocalTraining
@@ -43,7 +42,9 @@ from fedsim.models.circuits import Circuit
 from fedsim.models.quantum import VQC, Hybrid
 from fedsim.core.registry import DATASETS
 from fedsim.pipeline.runner import run_scenario
+from fedsim.evaluation.metrics import score_features
 from fedsim.federation.training import SquaredError, evaluate
+from quantum_cases import fourier_vqc, observed_target, random_example, trained_target
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Secure RNG turned off",
@@ -60,38 +61,6 @@ def one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def fourier_vqc(m: int, layers: int, seed: int = 0, **changes: object) -> VQC:
-    """Kumar et al.'s model: one feature on m qubits, HEA, tensor-Z readout, regression."""
-    torch.manual_seed(seed)
-    params = VQC.Params(
-        encoding="fourier",
-        qubits_per_feature=m,
-        reupload=False,
-        layers=layers,
-        observable="tensor_z",
-        **changes,
-    )
-    return VQC(params, (1,), 1)
-
-
-def observed_target(
-    model: VQC, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1
-) -> GradientTarget:
-    """What the server sees after one SGD step of `model` on (x, y), label included."""
-    model.zero_grad()
-    SquaredError()(model(x), y).backward()
-    update = {"quantum.weights": -lr * model.quantum.weights.grad.detach().clone()}
-    return GradientTarget(
-        model=model, update=update, num_examples=1, lr=lr, local_steps=1, batch_size=1,
-        input_shape=(1,), num_classes=0, server_round=1, client=0, known_labels=y,
-    )  # fmt: skip
-
-
-def random_example(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(1, 1, generator=generator), torch.rand(1, generator=generator) * 2 - 1
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -537,14 +506,89 @@ def test_dla_snapshot_attack_solves_for_the_visible_part_of_the_snapshot() -> No
     assert recon.labels.item() == pytest.approx(y.item(), abs=5e-3)  # float32 gradient
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "local_steps", "examples", "labels"),
+    [(2, 1, 2, "known"), (2, 1, 2, "unknown"), (1, 3, 3, "known"), (2, 2, 4, "known"), (2, 3, 2, "known")],
+)
+def test_oracle_unrolls_the_clients_batch_and_local_steps(
+    batch_size: int, local_steps: int, examples: int, labels: str
+) -> None:
+    """Batch means, several steps with their own examples (FedAvg), and several epochs over a
+    full batch: D is ~0 at the client's examples in the order it trained on them (float32
+    update), and far from 0 when they move, so the unroll is the client's training."""
+    x, y = random_example(4, examples=examples)
+    model = fourier_vqc(m=2, layers=3, seed=4)
+    target, trained = trained_target(model, x, y, batch_size=batch_size, local_steps=local_steps)
+    oracle = QuantumGradientOracle.for_target(target, target.known_labels if labels == "known" else None, batches=True)
+    assert (oracle.examples, oracle.dimension) == (min(examples, batch_size * local_steps), examples)
+    at_truth = oracle(trained.double().reshape(1, -1), create_graph=False)
+    moved = trained.double() + 0.05
+    assert at_truth.loss.item() < 1e-9
+    assert oracle(moved.reshape(1, -1), create_graph=False).loss.item() > 1e-3
+    assert torch.allclose(at_truth.labels[0].float(), target.known_labels, atol=1e-4)  # implied when unknown
+
+
+@pytest.mark.parametrize(
+    ("changes", "features", "classes", "examples"),
+    [
+        ({}, 2, 0, 2),  # Fourier tower, two features, a batch of two
+        ({"encoding": "angle", "reupload": True, "angle_scale": 2.0}, 2, 0, 1),
+        ({"encoding": "angle", "observable": "per_qubit_z"}, 3, 3, 2),  # three classes, cross-entropy
+    ],
+)
+def test_fourier_table_gives_the_circuits_attack_loss(changes: dict, features: int, classes: int, examples: int) -> None:
+    """The oracle's default, f and grad_theta f from the circuit's Fourier table at the sent
+    weights, equals running the circuit (`spectrum=False`): attack loss, implied labels and
+    the loss's gradient in x, to 1e-12, with the label known and unknown."""
+    torch.manual_seed(5)
+    params = dict(encoding="fourier", qubits_per_feature=1, layers=2, observable="tensor_z") | changes
+    simulator = VQC(VQC.Params(**params), (features,), classes or 1).double()
+    weights = simulator.quantum.weights.detach().unsqueeze(0)
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, classes, (1, examples), generator=generator) if classes else torch.rand(1, examples, generator=generator)
+    blank = QuantumGradientOracle(simulator, weights, torch.ones(1, weights.numel()), labels, classes == 0, [(0, examples)])
+    observed = blank.gradients(torch.rand(1, examples * features, generator=generator, dtype=torch.float64))
+    probe = torch.rand(7, examples * features, generator=generator, dtype=torch.float64)
+    for known in (labels, None):
+        table, circuit = (
+            QuantumGradientOracle(simulator, weights, observed, known, classes == 0, [(0, examples)], spectrum=spectrum)
+            for spectrum in (True, False)
+        )
+        assert table.spectrum is not None and circuit.spectrum is None
+        x_table, x_circuit = probe.clone().requires_grad_(True), probe.clone().requires_grad_(True)
+        a, b = table(x_table), circuit(x_circuit)
+        assert torch.allclose(a.loss, b.loss, atol=1e-12)
+        assert torch.allclose(a.labels.double(), b.labels.double(), atol=1e-10)
+        (g_table,) = torch.autograd.grad(a.loss.sum(), x_table)
+        (g_circuit,) = torch.autograd.grad(b.loss.sum(), x_circuit)
+        assert torch.allclose(g_table, g_circuit, atol=1e-10 * g_circuit.abs().max().item())
+
+
+def test_attacks_recover_a_small_batch() -> None:
+    """Two examples in one averaged gradient (m = 2, L = 4): both attacks recover both, each
+    within 1e-3, label known or not (the implied labels then come from the solve)."""
+    x, y = random_example(0, examples=2)
+    target, trained = trained_target(fourier_vqc(m=2, layers=4, seed=0), x, y, batch_size=2)
+    for attack in (
+        QuantumGradientMatching(QuantumGradientMatching.Params(labels="unknown", restarts=100, iterations=200), seed=0),
+        QuantumNumericalInversion(QuantumNumericalInversion.Params(labels="known", iterations=200), seed=0),
+    ):
+        recon = attack.reconstruct(target)
+        assert recon.images.shape == (2, 1) and recon.labels.shape == (2,)
+        scores = score_features(recon.images, trained, recon.labels, target.known_labels, period=1.0)
+        assert scores["max_feature_error"] < 1e-3 and scores["label_error"] < 1e-2
+
+
 def test_attack_refuses_targets_outside_its_threat_model() -> None:
     x, y = random_example(0)
     target = observed_target(fourier_vqc(m=1, layers=1), x, y)
     from dataclasses import replace
 
     with pytest.raises(UserError, match="batch_size: 1"):
+        QuantumLearned(QuantumLearned.Params()).reconstruct(replace(target, batch_size=4))
+    with pytest.raises(UserError, match="local_steps 3 set labels: known"):
         QuantumGradientMatching(QuantumGradientMatching.Params()).reconstruct(
-            replace(target, batch_size=4)
+            replace(target, num_examples=3, local_steps=3)
         )
     with pytest.raises(UserError, match="carries no labels"):
         QuantumGradientMatching(QuantumGradientMatching.Params(labels="known")).reconstruct(

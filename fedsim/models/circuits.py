@@ -211,9 +211,9 @@ class Circuit:
     def max_frequency(self) -> float:
         """Highest frequency (cycles per unit of one feature) of the model output in x_j."""
         p = self.params
+        uploads = p.layers if p.reupload else 1  # each upload adds its frequencies again
         if p.encoding == "fourier":
-            return (p.base**p.qubits_per_feature - 1) / (p.base - 1)
-        uploads = p.layers if p.reupload else 1
+            return uploads * (p.base**p.qubits_per_feature - 1) / (p.base - 1)
         return uploads * p.angle_scale / (2 * math.pi)
 
     def __call__(self, x: TensorLike, weights: TensorLike) -> TensorLike:
