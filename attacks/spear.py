@@ -14,19 +14,24 @@ sparse: g_bi = 0 wherever example b left unit i inactive (about half the units).
 Q is therefore found by sampling B - 1 rows I of L and taking the direction q with L_I q = 0:
 when the B - 1 rows are zeros of one column g_b, L q is proportional to g_b and has zeros on
 all of its inactive units, many more than the B - 1 forced ones, while any other q has only
-those. The attack keeps the sparsest distinct directions, B of them, as the columns of Q (up
-to their scales s). The bias fixes the scales: dL/db = sum_b g_b = L Q s, so s = Q^-1 L^+ dL/db,
-and then X = (Q diag(s))^-1 R exactly.
+those. Not every sparse draw is a column: rows that are zeros of two examples give a mixture
+of their columns, zero where both are inactive, a subset of one column's zeros; those are
+skipped (`distinct_directions`). The bias fixes the columns' scales s: dL/db = sum_b g_b =
+L Q s, so s = Q^-1 L^+ dL/db, and then X = (Q diag(s))^-1 R exactly. A chosen Q is accepted
+when its reconstruction agrees with the ReLU (the units each recovered x_b activates, W x_b +
+b > 0 at the sent weights, are those where its g_b is nonzero); otherwise the next choices
+swap in other candidates and the sampling goes on.
 
 A draw finds a given column with probability about p_b^(B-1), p_b the share of units example b
 left inactive (about 0.4 for a random ReLU layer), so the draws needed grow exponentially in B:
-`samples` (at most 400,000, drawn until B columns are found) covers batches up to about 8-10; `directions_found` reports how many of the B columns
-were found (fewer than B: the reconstruction is not exact). Several local steps, each on its
-own examples, add their rank-B terms: the attack then recovers S B examples, as exactly; later
-epochs over the same examples mix supports and are approximate. Labels come from label
-inference, as for `analytic_fc`.
+`samples` (at most 400,000, drawn until a consistent batch is found) covers batches up to
+about 8-10; the result reports `directions_found` (fewer than B: not exact) and
+`relu_consistency`. Several local steps, each on its own examples, add their rank-B terms:
+the attack then recovers S B examples, as exactly (the consistency check then uses the sent
+weights for every step, so it only approximates); later epochs over the same examples mix
+supports and are approximate. Labels come from label inference, as for `analytic_fc`.
 
-Example: `fedsim run scenarios/dlg_mlp_digits.yaml --set 'attacks=[spear]' --set training.batch_size=8`.
+Example: `fedsim run scenarios/imprint_secagg.yaml --set 'defenses=[]' --set 'attacks=[spear]'` (4 clients, batch 8).
 """
 
 from __future__ import annotations
@@ -47,63 +52,107 @@ DRAW_CHUNK = 20_000
 RELATIVE_SPARSITY = 0.6
 """A direction needs at least this share of the sparsest candidate's zeros."""
 
-def sparse_directions(left: Tensor, samples: int, tolerance: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Up to B unit directions q (k, B) with L q sparse, sparsest first, and their zero counts.
+SPARES = 8
+"""Candidates beyond the B sparsest that a selection may swap in."""
 
-    Each draw takes B - 1 random rows of L (m x B; units that no example activated, zero rows,
-    left out) and the q spanning their null space (the last right singular vector); L q's
-    entries below `tolerance` x its largest count as zeros. A draw is a candidate when it has
-    more zeros than twice the B - 1 it was forced to have. Not every candidate is a column of
-    Q: rows that are zeros of two examples b, c give q with L q = a g_b + c g_c, zero where
-    both examples are inactive, a subset of g_b's zeros (plus the B - 1 forced ones). So
-    candidates are taken sparsest first, and one whose zeros, but for at most B - 1, lie among
-    the zeros of a direction already taken (a mixture, or the same direction again) is skipped; so is one with fewer than `RELATIVE_SPARSITY` x the sparsest candidate's zeros (a
-    mixture's zeros are the units both examples left inactive, about p^2 m against p m). Draws
-    come in chunks of `DRAW_CHUNK`
-    until B directions are taken or `samples` draws are spent.
+CONSISTENT = 0.995
+"""ReLU consistency at which a reconstruction is accepted (see BatchSolver)."""
+
+def distinct_directions(zeros: Tensor, rank: int) -> list[int]:
+    """Indices of the candidates (rows of the zero masks `zeros`) that may be columns of Q,
+    sparsest first: one whose zeros, but for at most B - 1, lie among the zeros of a
+    candidate already kept (a mixture of two columns, or the same column again) is skipped,
+    and so is one with fewer than `RELATIVE_SPARSITY` x the sparsest's zeros (a mixture's
+    zeros are the units both examples left inactive, about p^2 m against p m)."""
+    counts = zeros.sum(1)
+    kept: list[int] = []
+    for i in counts.argsort(descending=True).tolist():
+        if counts[i] < RELATIVE_SPARSITY * counts.max():
+            break
+        if all((zeros[i] & ~zeros[j]).sum() >= rank for j in kept):  # beyond its B - 1 forced zeros
+            kept.append(i)
+    return kept
+
+
+def choices(kept: list[int], rank: int) -> list[list[int]]:
+    """The selections of B kept candidates to try, most likely first: the B sparsest, then
+    each of them swapped for one of the next `SPARES` candidates (least sparse swapped first)."""
+    first, spares = kept[:rank], kept[rank : rank + SPARES]
+    return [first] + [first[:j] + [e] + first[j + 1 :] for j in reversed(range(rank)) for e in spares]
+
+
+class BatchSolver:
+    """X from the gradient of z = W x + b (followed by ReLU) at rank B, for a choice of Q.
+
+    `left`, `right`: the rank-B factors of dL/dW restricted to the units some example
+    activated; the reconstruction of a choice is checked against the ReLU: example b's
+    units with z_bi > 0 must be those where its column g_b is nonzero (`consistency`, the
+    share of (b, i) where they agree; 1 for the true batch up to ties at z = 0).
     """
-    norms = left.norm(dim=1)
-    left = left[norms > tolerance * norms.max()]  # units no example activated are zero for every q
-    units, rank = left.shape
-    if rank == 1:  # one example: L itself is its column
-        return torch.ones(1, 1, dtype=left.dtype), torch.zeros(1, dtype=torch.long)
-    directions, zeros = torch.empty(0, rank, dtype=left.dtype), torch.empty(0, units, dtype=torch.bool)
-    taken: list[int] = []
-    for start in range(0, samples, DRAW_CHUNK):
-        draws = min(DRAW_CHUNK, samples - start)
-        rows = torch.rand(draws, units, generator=generator, dtype=torch.float64).argsort(1)[:, : rank - 1]
-        _, _, vh = torch.linalg.svd(left[rows])  # (draws, B - 1, B) -> right singular vectors
-        q = vh[:, -1]
-        g = q @ left.T
-        zero = g.abs() <= tolerance * g.abs().amax(1, keepdim=True)
-        sparse = zero.sum(1) > 2 * (rank - 1)
-        directions, zeros = torch.cat([directions, q[sparse]]), torch.cat([zeros, zero[sparse]])
-        counts = zeros.sum(1)
-        taken = []
-        for i in counts.argsort(descending=True).tolist():
-            if counts[i] < RELATIVE_SPARSITY * counts.max():
-                break
-            if all((zeros[i] & ~zeros[j]).sum() >= rank for j in taken):  # beyond its B - 1 forced zeros
-                taken.append(i)
-                if len(taken) == rank:
-                    return directions[taken], zeros[taken].sum(1)
-    return directions[taken], zeros[taken].sum(1)
+
+    def __init__(self, left: Tensor, right: Tensor, bias_grad: Tensor, weight: Tensor, bias: Tensor, tolerance: float) -> None:
+        self.left, self.right, self.bias_grad = left, right, bias_grad
+        self.weight, self.bias, self.tolerance = weight, bias, tolerance
+
+    def __call__(self, directions: Tensor) -> tuple[Tensor, float]:
+        """(X (B, n), consistency) for the columns `directions` (B, B) of Q, up to scale."""
+        q = directions.T
+        scales = torch.linalg.solve(q, torch.linalg.pinv(self.left) @ self.bias_grad)
+        x = torch.linalg.solve(q * scales, self.right)
+        g = self.left @ (q * scales)  # (m, B): each example's dL/dz
+        nonzero = g.abs() > self.tolerance * g.abs().amax(0, keepdim=True)
+        active = (x @ self.weight.T + self.bias).T > 0
+        return x, float((nonzero == active).double().mean())
 
 
-def recover_batch(weight_grad: Tensor, bias_grad: Tensor, count: int, samples: int, tolerance: float,
-                  generator: torch.Generator) -> tuple[Tensor, int]:  # fmt: skip
-    """X (count, n) from dL/dW (m x n) and dL/db (m,) of a linear layer followed by ReLU, and
-    how many of the `count` columns of Q were found."""
+def recover_batch(
+    weight_grad: Tensor, bias_grad: Tensor, weight: Tensor, bias: Tensor, count: int,
+    samples: int, tolerance: float, generator: torch.Generator,
+) -> tuple[Tensor, int, float]:  # fmt: skip
+    """X (count, n) from dL/dW (m x n) and dL/db (m,) of z = W x + b followed by ReLU, how many
+    of the `count` columns of Q the chosen solution has (fewer: completed arbitrarily), and
+    its ReLU consistency.
+
+    Draws of B - 1 random rows of L (units no example activated, zero rows, left out) give the
+    q spanning their null space (the last right singular vector); L q's entries below
+    `tolerance` x its largest count as zeros, and a draw is a candidate when it has more than
+    twice the B - 1 zeros it was forced to have. Draws come in chunks of `DRAW_CHUNK`; after
+    each, the distinct candidates' selections (`choices`) are solved until one is consistent
+    with the ReLU (`CONSISTENT`), or `samples` draws are spent (then the most consistent).
+    """
     u, singular, vh = torch.linalg.svd(weight_grad, full_matrices=False)
     left, right = u[:, :count] * singular[:count], vh[:count]  # dL/dW ~ L R at rank `count`
-    directions, _ = sparse_directions(left, samples, tolerance, generator)
-    found = len(directions)
-    if found < count:  # complete Q with the sparsest leftovers so the solve still runs
-        extra = torch.linalg.qr(torch.cat([directions, torch.eye(count, dtype=left.dtype)]).T).Q.T
-        directions = torch.cat([directions, extra[found:count]])
-    q = directions.T  # (B, B), columns up to scale
-    scales = torch.linalg.solve(q, torch.linalg.pinv(left) @ bias_grad)
-    return torch.linalg.solve(q * scales, right), found
+    norms = left.norm(dim=1)
+    units = norms > tolerance * norms.max()  # units no example activated are zero for every q
+    solve = BatchSolver(left[units], right, bias_grad[units], weight[units], bias[units], tolerance)
+    if count == 1:  # one example: L itself is its column
+        x, consistency = solve(torch.ones(1, 1, dtype=left.dtype))
+        return x, 1, consistency
+    left = left[units]
+    directions, zeros = torch.empty(0, count, dtype=left.dtype), torch.empty(0, len(left), dtype=torch.bool)
+    best: tuple[Tensor, int, float] | None = None
+    for start in range(0, samples, DRAW_CHUNK):
+        draws = min(DRAW_CHUNK, samples - start)
+        rows = torch.rand(draws, len(left), generator=generator, dtype=torch.float64).argsort(1)[:, : count - 1]
+        _, _, vh_rows = torch.linalg.svd(left[rows])  # (draws, B - 1, B) -> right singular vectors
+        q = vh_rows[:, -1]
+        g = q @ left.T
+        zero = g.abs() <= tolerance * g.abs().amax(1, keepdim=True)
+        sparse = zero.sum(1) > 2 * (count - 1)
+        directions, zeros = torch.cat([directions, q[sparse]]), torch.cat([zeros, zero[sparse]])
+        kept = distinct_directions(zeros, count)
+        for choice in choices(kept, count) if len(kept) >= count else []:
+            x, consistency = solve(directions[choice])
+            if best is None or consistency > best[2]:
+                best = (x, count, consistency)
+            if consistency >= CONSISTENT:
+                return best
+    if best is None:  # fewer than B columns: complete Q arbitrarily so the solve still runs
+        found = directions[distinct_directions(zeros, count)] if len(directions) else directions
+        extra = torch.linalg.qr(torch.cat([found, torch.eye(count, dtype=left.dtype)]).T).Q.T
+        x, consistency = solve(torch.cat([found, extra[len(found) : count]]))
+        best = (x, len(found), consistency)
+    return best
 
 
 @ATTACKS.register("spear")
@@ -135,6 +184,10 @@ class Spear(GradientAttack):
         count = self.params.images or max(1, min(target.num_examples, target.local_steps * target.batch_size))
         count = min(count, *weight_grad.shape)
         generator = torch_generator(self.seed, "spear", target.server_round, target.client)
-        images, found = recover_batch(weight_grad, bias_grad, count, self.params.samples, self.params.zero_tolerance, generator)
-        details = {"layer": layer, "directions_found": found, "batch": count}
+        sent = target.model.state_dict()
+        weight, bias = sent[f"{layer}.weight"].double(), sent[f"{layer}.bias"].double()
+        images, found, consistency = recover_batch(
+            weight_grad, bias_grad, weight, bias, count, self.params.samples, self.params.zero_tolerance, generator
+        )
+        details = {"layer": layer, "directions_found": found, "batch": count, "relu_consistency": consistency}
         return exact_reconstruction(self, target, images, details)
