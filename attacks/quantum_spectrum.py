@@ -13,7 +13,8 @@ coefficients:
 After that an attack evaluates f, grad_theta f and their derivatives in x from the
 coefficients, with no circuit call and no second-order autograd through the simulator. The
 table has N^F (C (1 + d)) coefficients per target (C outputs, d weights), so it is built only
-where that is small (`MAX_ENTRIES`); otherwise the oracle runs the circuit.
+where that is small (`MAX_ENTRIES`, `MAX_FREQUENCY_VECTORS`); otherwise the oracle runs the
+circuit.
 
 Example: at m = 3 qubits per feature (K = 31, N = 63) and L = 4 layers (d = 24), one feature's
 table is 63 x 25 numbers; 1000 restarts cost one (1000 x 63) @ (63 x 25) product per step.
@@ -30,6 +31,14 @@ from fedsim.models.quantum import VQC
 
 MAX_ENTRIES = 1 << 23
 """Complex coefficients (targets x N^F x C (1 + d)) above which the circuit is run instead."""
+
+MAX_FREQUENCY_VECTORS = 4096
+"""N^F above which the circuit is run instead: a candidate costs N^F C (1 + d) products from
+the table, against a statevector of 2^qubits amplitudes through the circuit (N grows like
+5^m, the statevector like 2^m), so for m = 6 (N = 7813) the circuit is the cheaper one."""
+
+BASIS_CHUNK = 1 << 22
+"""Candidates x N^F complex basis entries evaluated at once (64 MiB)."""
 
 TABULATION_CHUNK = 8192
 """Grid points per circuit call while tabulating."""
@@ -69,7 +78,7 @@ class CircuitSpectrum:
         features, points = simulator.quantum.circuit.features, 2 * highest + 1
         outputs = simulator.quantum.circuit.num_outputs
         grid_size = points**features
-        if len(weights) * grid_size * outputs * (1 + weights[0].numel()) > MAX_ENTRIES:
+        if grid_size > MAX_FREQUENCY_VECTORS or len(weights) * grid_size * outputs * (1 + weights[0].numel()) > MAX_ENTRIES:
             return None
         axis = torch.arange(points, dtype=torch.float64) / (points * omega)
         grid = torch.cartesian_prod(*[axis] * features).reshape(grid_size, features)
@@ -90,10 +99,15 @@ class CircuitSpectrum:
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Outputs (N, C) and Jacobians d f / d theta (N, C, d) at inputs x (N, F), target-major
         (N / K inputs per target), differentiable in x."""
-        targets = len(self.coefficients)
-        basis = self._basis(x).reshape(targets, len(x) // targets, -1)  # (K, N/K, N^F)
+        targets, per_target = len(self.coefficients), len(x) // len(self.coefficients)
         table = self.coefficients.flatten(2)  # (K, N^F, C (1 + d))
-        values = torch.real(basis @ table).reshape(len(x), *self.coefficients.shape[2:])
+        step = max(1, BASIS_CHUNK // (targets * table.shape[1]))
+        parts = []
+        for start in range(0, per_target, step):  # bounded memory: a slice of every target's candidates
+            chunk = x.reshape(targets, per_target, -1)[:, start : start + step]
+            basis = self._basis(chunk.reshape(-1, chunk.shape[-1])).reshape(targets, chunk.shape[1], -1)
+            parts.append(torch.real(basis @ table))  # (K, chunk, C (1 + d))
+        values = torch.cat(parts, dim=1).reshape(len(x), *self.coefficients.shape[2:])
         return values[..., 0], values[..., 1:]
 
     def _basis(self, x: Tensor) -> Tensor:

@@ -109,6 +109,8 @@ CASES = [
     Case("set-out-of-range-value", "name: x\n",
          ["training.batch_size: Input should be greater than or equal to 1"],
          overrides=["training.batch_size=0"]),
+    Case("attack-listed-twice", "attacks: [dlg, {name: dlg, iterations: 5}]\n",
+         ["attacks ['dlg'] listed more than once", "fedsim attack RUN --attack NAME --set"]),
 ]
 
 # started as real `python -m fedsim.cli` subprocesses (all three at once)

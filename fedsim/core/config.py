@@ -386,6 +386,13 @@ class Scenario(Section):
             bad = [r for r in self.observer.rounds if not 1 <= r <= self.federation.rounds]
             if bad:
                 raise ValueError(f"observer.rounds {bad} outside 1..{self.federation.rounds}")
+        names = [a.name for a in self.attacks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # results live in attacks/<name>/, so a second entry would overwrite the first
+            raise ValueError(
+                f"attacks {repeated} listed more than once; a run keeps one result per attack: "
+                "keep one entry each and try other settings with `fedsim attack RUN --attack NAME --set ...` or a sweep"
+            )
         strategy = self.federation.strategy.name
         inverting = [a.name for a in self.attacks if issubclass(ATTACKS.get(a.name), GradientAttack)]
         if inverting and not getattr(STRATEGIES.get(strategy), "releases_weights", True):
