@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quantum_study import SEED, SUCCESS_EPS, experiments  # noqa: E402
+from quantum_cases import kumar_params  # noqa: E402  (quantum_study puts tests/ on the path)
 
 from fedsim.attacks.quantum_landscape import QuantumGridScan, grid_scan  # noqa: E402
 from fedsim.attacks.quantum_oracle import QuantumGradientOracle, circular_distance  # noqa: E402
@@ -80,10 +81,7 @@ CONFIG = {
 
 
 def paper_params(**changes: object) -> VQC.Params:
-    return VQC.Params(
-        encoding="fourier", qubits_per_feature=M, reupload=False, layers=LAYERS,
-        observable="tensor_z", **changes,
-    )  # fmt: skip
+    return kumar_params(M, LAYERS, **changes)
 
 
 def shot_gradients(

@@ -40,11 +40,13 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fedsim.attacks.quantum_matching import local_search
 from fedsim.attacks.quantum_oracle import QuantumGradientOracle
 from fedsim.defenses.quantum_grad_sampler import quantum_layer_grad_sample
 from fedsim.models.quantum import VQC
+from quantum_cases import kumar_params
 
 BATCH = 32
 SLOW_PATH_MAX_QUBITS = 8  # parameter-shift and the per-example loop take minutes beyond this
@@ -209,8 +211,7 @@ def attack_case(qubits: int) -> tuple[QuantumGradientOracle, QuantumGradientOrac
     """Kumar et al.'s one-feature model at m = `qubits`, one observed gradient: fedsim's oracle
     from the Fourier table, fedsim's oracle on the circuit, and the plain statevector."""
     torch.manual_seed(0)
-    params = VQC.Params(encoding="fourier", qubits_per_feature=qubits, reupload=False, layers=4, observable="tensor_z")
-    model = VQC(params, (1,), 1).double()
+    model = VQC(kumar_params(qubits, 4), (1,), 1).double()
     weights = model.quantum.weights.detach().unsqueeze(0)
     x, y = torch.rand(1, 1, dtype=torch.float64), torch.rand(1, dtype=torch.float64)
     blank = QuantumGradientOracle(model, weights, torch.ones(1, weights.numel()), y, regression=True)

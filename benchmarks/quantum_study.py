@@ -48,6 +48,7 @@ from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from fedsim.attacks.quantum_landscape import (
     QuantumGridScan,
@@ -65,6 +66,7 @@ from fedsim.core.config import load_scenario
 from fedsim.models.quantum import VQC
 from fedsim.pipeline.runner import run_scenario
 from fedsim.core.seeding import derive_seed
+from quantum_cases import kumar_params
 
 OUT = ROOT / "docs" / "quantum"
 SEED = 0
@@ -129,14 +131,7 @@ QUICK = {
 
 
 def paper_model(m: int, layers: int) -> VQC:
-    params = VQC.Params(
-        encoding="fourier",
-        qubits_per_feature=m,
-        reupload=False,
-        layers=layers,
-        observable="tensor_z",
-    )
-    return VQC(params, (1,), 1).double()
+    return VQC(kumar_params(m, layers), (1,), 1).double()
 
 
 def experiments(m: int, layers: int, count: int) -> tuple[QuantumGradientOracle, torch.Tensor]:

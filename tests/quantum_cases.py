@@ -15,19 +15,18 @@ from fedsim.federation.training import LocalHyperParams, train_locally
 from fedsim.models.quantum import VQC
 
 
-def fourier_vqc(m: int, layers: int, seed: int = 0, features: int = 1, **changes: object) -> VQC:
-    """Kumar et al.'s model: each feature on m qubits (Fourier tower), HEA, tensor-Z readout,
-    regression."""
-    torch.manual_seed(seed)
-    params = VQC.Params(
-        encoding="fourier",
-        qubits_per_feature=m,
-        reupload=False,
-        layers=layers,
-        observable="tensor_z",
-        **changes,
+def kumar_params(m: int, layers: int, **changes: object) -> VQC.Params:
+    """Kumar et al.'s circuit: each feature on m qubits (Fourier tower, one upload), L
+    hardware-efficient layers, tensor-Z readout."""
+    return VQC.Params(
+        encoding="fourier", qubits_per_feature=m, reupload=False, layers=layers, observable="tensor_z", **changes
     )
-    return VQC(params, (features,), 1)
+
+
+def fourier_vqc(m: int, layers: int, seed: int = 0, features: int = 1, **changes: object) -> VQC:
+    """Kumar et al.'s model (regression) with weights drawn from torch's seed `seed`."""
+    torch.manual_seed(seed)
+    return VQC(kumar_params(m, layers, **changes), (features,), 1)
 
 
 def random_example(seed: int, features: int = 1, examples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
