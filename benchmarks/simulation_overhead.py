@@ -11,13 +11,26 @@ the plain loop through Opacus (`train_locally` with the defense), the engines as
     python benchmarks/simulation_overhead.py            # 10 and 100 clients
     python benchmarks/simulation_overhead.py --clients 10 --engines inline
     python benchmarks/simulation_overhead.py --clients 100 --engines inline vectorized --dp-sgd
+    python benchmarks/simulation_overhead.py --case cross-device --engines inline vectorized
+
+`--case cross-device` is pfl-research's CIFAR-10 shape on synthetic data: 1000 clients of 50
+32x32x3 images (and 1,000 test images the server evaluates on after every round; the plain
+loop does not evaluate), 50 sampled per round, the small ConvNet (width 16), batch 10, one local epoch,
+3 rounds; the plain loop trains 50 clients per round too. Each measurement runs in a forked
+child process, which reports its wall time and its peak resident memory (the data, loaded
+once before the fork, included).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,20 +50,59 @@ from fedsim.federation.training import LocalHyperParams, train_locally
 DP_SGD = {"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "accountant": "rdp"}
 
 
-def scenario_for(clients: int, engine: str, out: Path, dp_sgd: bool = False) -> Scenario:
+CASES = {
+    "digits": {
+        "data": {},
+        "model": {"name": "mlp", "hidden": [64]},
+        "training": {"batch_size": 8, "lr": 0.05},
+        "federation": {"rounds": 3},
+    },
+    "cross-device": {
+        "data": {
+            "dataset": {"name": "synthetic", "num_examples": 51_000, "channels": 3, "image_size": 32},
+            "test_fraction": 1 / 51,  # 1,000 test images: the server's evaluation stays small
+            "val_fraction": 0.0,
+        },
+        "model": {"name": "convnet", "width": 16},
+        "training": {"batch_size": 10, "lr": 0.05},
+        "federation": {"rounds": 3, "clients_per_round": 50},
+    },
+}
+
+
+def scenario_for(case: str, clients: int, engine: str, out: Path, dp_sgd: bool = False) -> Scenario:
+    settings = CASES[case]
     return build_scenario(
         {
             "name": "overhead",
-            "data": {"num_clients": clients},
-            "model": {"name": "mlp", "hidden": [64]},
-            "training": {"batch_size": 8, "lr": 0.05},
-            "federation": {"rounds": 3},
+            "data": {**settings["data"], "num_clients": clients},
+            "model": settings["model"],
+            "training": settings["training"],
+            "federation": settings["federation"],
             "observer": {"rounds": "none"},
             "simulation": {"engine": engine},
             "output": {"dir": str(out), "save_model": False},
             "defenses": [DP_SGD] if dp_sgd else [],
         }
     )
+
+
+def in_child(measure: Callable[[], float]) -> tuple[float, float]:
+    """(seconds, peak resident GiB) of `measure()` run in a forked child process."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report, leave without running the parent's cleanup
+        os.close(reader)
+        seconds = measure()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        os.write(writer, json.dumps([seconds, peak]).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        report = pipe.read()
+    os.waitpid(pid, 0)
+    seconds, peak = json.loads(report)
+    return seconds, peak
 
 
 def plain_loop(scenario: Scenario) -> float:
@@ -64,7 +116,7 @@ def plain_loop(scenario: Scenario) -> float:
     global_model = initial_model(scenario)
     for server_round in range(1, scenario.federation.rounds + 1):
         states, weights = [], []
-        for pid in range(scenario.data.num_clients):
+        for pid in range(scenario.cohort_size):  # the same number of clients a round
             model = initial_model(scenario)
             model.load_state_dict(global_model.state_dict())
             train, _ = data.client(pid)
@@ -90,26 +142,32 @@ def through_fedsim(scenario: Scenario, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--case", choices=list(CASES), default="digits")
+    parser.add_argument("--clients", type=int, nargs="+", default=None, help="default: 10 and 100 (digits), 1000 (cross-device)")
     parser.add_argument("--engines", nargs="+", default=["inline", "ray"], choices=["inline", "vectorized", "ray"])
     parser.add_argument("--dp-sgd", action="store_true", help="every client trains with DP-SGD")
     args = parser.parse_args()
     set_threads(1)
     torch.manual_seed(0)
     rows = []
+    client_counts = args.clients or ([1000] if args.case == "cross-device" else [10, 100])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        for clients in args.clients:
-            base = scenario_for(clients, "inline", out, args.dp_sgd)
-            federated_data(base.data, base.seed)  # load once, outside every timer
-            plain = plain_loop(base)
+        for clients in client_counts:
+            base = scenario_for(args.case, clients, "inline", out, args.dp_sgd)
+            for seed in {base.seed, base.public().seed}:  # the server's and the clients' view
+                federated_data(base.data, seed)  # load once, outside every timer (and every child)
+            plain, plain_peak = in_child(partial(plain_loop, base))
             for engine in args.engines:
-                seconds = through_fedsim(scenario_for(clients, engine, out, args.dp_sgd), out)
-                rows.append((clients, engine, plain, seconds))
-    print(f"MLP [64] on digits, 3 rounds, one thread; DP-SGD: {'on' if args.dp_sgd else 'off'}")
-    print(f"{'clients':>7}  {'engine':>10}  {'plain loop s':>12}  {'fedsim s':>9}  {'ratio':>6}")
-    for clients, engine, plain, seconds in rows:
-        print(f"{clients:>7}  {engine:>10}  {plain:>12.2f}  {seconds:>9.2f}  {seconds / plain:>6.2f}")
+                scenario = scenario_for(args.case, clients, engine, out, args.dp_sgd)
+                seconds, peak = in_child(partial(through_fedsim, scenario, out))
+                rows.append((clients, engine, plain, plain_peak, seconds, peak))
+    model, rounds = CASES[args.case]["model"], CASES[args.case]["federation"]["rounds"]
+    print(f"case {args.case} ({model}), {rounds} rounds, one thread; DP-SGD: {'on' if args.dp_sgd else 'off'}")
+    print(f"{'clients':>7}  {'engine':>10}  {'plain loop s':>12}  {'fedsim s':>9}  {'ratio':>6}  {'rounds/s':>8}  {'peak GiB plain / fedsim':>23}")
+    for clients, engine, plain, plain_peak, seconds, peak in rows:
+        print(f"{clients:>7}  {engine:>10}  {plain:>12.2f}  {seconds:>9.2f}  {seconds / plain:>6.2f}  "
+              f"{rounds / seconds:>8.2f}  {plain_peak:>11.2f} / {peak:.2f}")
 
 
 if __name__ == "__main__":
