@@ -17,6 +17,7 @@ best match); Wilson 95 % interval; seconds per target.
     python benchmarks/quantum_features.py                         # F = 1, 2, 3; one example
     python benchmarks/quantum_features.py --features 1 --batch 1 2 4 --steps 1 2 --adam-iterations 200
     python benchmarks/quantum_features.py --features 1 --layers 4 16 --batch 2 4 --labels known --adam-iterations 200
+    python benchmarks/quantum_features.py --features 1 --batch 2 --labels known unknown --adam-iterations 200 --grid-scan
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from quantum_cases import fourier_vqc, random_example, trained_target  # noqa: E402
 from quantum_noise import wilson  # noqa: E402
 
+from fedsim.attacks.quantum_landscape import QuantumGridScan  # noqa: E402
 from fedsim.attacks.quantum_matching import QuantumGradientMatching  # noqa: E402
 from fedsim.attacks.quantum_numerical import QuantumNumericalInversion  # noqa: E402
 from fedsim.core.attack import GradientAttack  # noqa: E402
@@ -44,15 +46,18 @@ SUCCESS = 1e-3
 LR = 0.1
 
 
-def attacks(labels: str, starts: int, adam_iterations: int, seed: int) -> dict[str, GradientAttack]:
+def attacks(labels: str, starts: int, adam_iterations: int, seed: int, grid_scan: bool) -> dict[str, GradientAttack]:
     numerical = QuantumNumericalInversion.Params(labels=labels, restarts=starts)
     matching = QuantumGradientMatching.Params(labels=labels, restarts=8 * starts, iterations=adam_iterations)
-    return {
+    chosen: dict[str, GradientAttack] = {
         f"quantum_numerical ({starts} starts)": QuantumNumericalInversion(numerical, seed=seed),
         f"quantum_gradient_matching ({8 * starts} starts, {adam_iterations} its)": QuantumGradientMatching(
             matching, seed=seed
         ),
     }
+    if grid_scan:
+        chosen["quantum_grid_scan"] = QuantumGridScan(QuantumGridScan.Params(labels=labels), seed=seed)
+    return chosen
 
 
 def main() -> None:
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--starts", type=int, default=8, help="numerical starts (Adam gets 8x as many)")
     parser.add_argument("--adam-iterations", type=int, default=60, help="Adam iterations (Kumar et al.: 60)")
+    parser.add_argument("--grid-scan", action="store_true", help="also the global grid scan (its cost: (4 f_max)^unknowns)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| F | L | B | S x E | unknowns | labels | attack | all within 1e-3 | Wilson 95% | median max error | s / target |")
@@ -81,7 +87,7 @@ def main() -> None:
             x, y = random_example(seed, features=features, examples=batch * steps)
             model = fourier_vqc(m=args.m, layers=layers, seed=seed, features=features)
             target, trained = trained_target(model, x, y, LR, batch, steps * args.epochs, seed)
-            for name, attack in attacks(labels, args.starts, args.adam_iterations, seed).items():
+            for name, attack in attacks(labels, args.starts, args.adam_iterations, seed, args.grid_scan).items():
                 started = time.perf_counter()
                 recon = attack.reconstruct(target)
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
