@@ -21,6 +21,9 @@ Every party builds the bottlenecked architecture (`wrap_model`), so the federati
 aggregates the head like any other layer. eps comes from torch's global generator, which
 `prepare` seeds from the client's batch generator (reproducible per client and round) and
 which Opacus's per-example gradient check already controls, so MID composes with DP-SGD.
+The vectorised engine trains MID without `prepare` (`Mid.batched_loss`): each client's eps
+come from a generator of its own with the same seed, handed to the head per step, so its
+clients train exactly as inline ones on CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedsim.core.defense import LocalTraining, TrainTimeDefense
+from fedsim.core.defense import BatchedLoss, LocalTraining, TrainTimeDefense
 from fedsim.models.heads import classifier_head, replace_submodule
 from fedsim.core.registry import DEFENSES
 
@@ -53,6 +56,7 @@ class InformationBottleneck(nn.Module):
         self.encoder = nn.Linear(in_features, 2 * bottleneck)
         self.decoder = nn.Linear(bottleneck, num_classes)
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.noise: torch.Tensor | None = None  # eps for the next forwards, set by a batched engine
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         mu, raw = self.encoder(features).split(self.bottleneck, dim=-1)
@@ -60,15 +64,20 @@ class InformationBottleneck(nn.Module):
         if self.training:  # the KL is a training loss; `kl_divergence` releases these
             self.last = (mu, sigma)
         if self.training or self.stochastic_prediction:
-            return self.decoder(mu + sigma * torch.randn_like(sigma))
+            eps = torch.randn_like(sigma) if self.noise is None else self.noise
+            return self.decoder(mu + sigma * eps)
         return self.decoder(mu)
 
-    def kl_divergence(self) -> torch.Tensor:
-        """Batch mean of KL(N(mu, sigma^2) || N(0, I)) for the last training forward, in nats."""
+    def kl_per_example(self) -> torch.Tensor:
+        """KL(N(mu, sigma^2) || N(0, I)) of each example of the last training forward, in nats."""
         if self.last is None:
             raise RuntimeError("kl_divergence() needs a forward pass in training mode first")
         (mu, sigma), self.last = self.last, None
-        return 0.5 * (mu.square() + sigma.square() - 1 - 2 * sigma.log()).sum(-1).mean()
+        return 0.5 * (mu.square() + sigma.square() - 1 - 2 * sigma.log()).sum(-1)
+
+    def kl_divergence(self) -> torch.Tensor:
+        """Batch mean of `kl_per_example`."""
+        return self.kl_per_example().mean()
 
 
 def bottlenecks(model: nn.Module) -> list[InformationBottleneck]:
@@ -134,3 +143,29 @@ class Mid(TrainTimeDefense):
     def finish(self, state: dict[str, Any]) -> dict[str, float]:
         """The mean KL (nats) of this client's round: how much the bottleneck still passes."""
         return {"mid_kl": self._kl_total / max(1, self._kl_batches)}
+
+    def vectorized_refusal(self) -> str | None:
+        return None
+
+    def batched_loss(self, model: nn.Module, generator: torch.Generator) -> BatchedLoss:
+        """`prepare` and `loss` for the vectorised engine: the seed `prepare` gives torch's
+        global generator seeds a generator of this client's own, from which each step draws
+        the (batch, k) eps the inline forward's `randn_like` would draw."""
+        (head,) = bottlenecks(model)
+        noise = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
+
+        def inject(model: nn.Module, eps: torch.Tensor | None) -> None:
+            for module in bottlenecks(model):
+                module.noise = eps
+
+        def term(model: nn.Module) -> torch.Tensor:
+            (module,) = bottlenecks(model)
+            return module.kl_per_example()
+
+        return BatchedLoss(
+            draw=lambda batch: torch.randn(batch, head.bottleneck, generator=noise),
+            inject=inject,
+            term=term,
+            weight=self.params.beta,
+            metrics=lambda means: {"mid_kl": sum(means) / max(1, len(means))},
+        )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from defenses.mid import Mid
 from fedsim.core.config import build_scenario
 from fedsim.core.defense import LocalTraining
 from fedsim.core.results import RunDirectory
@@ -54,6 +55,34 @@ def test_per_client_updates_match_inline(name: str, local_steps: int) -> None:
             assert (v - done.params[c][k]).abs().max() <= (ADAM_TOLERANCE if name == "adam" else TOLERANCE), (name, c, k)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_mid_updates_match_inline(momentum: float) -> None:
+    """MID's KL term and bottleneck noise (each client's eps from its own stream, seeded as
+    `prepare` seeds torch's generator) give the inline parameters, losses and mean KL."""
+    hp = LocalHyperParams(lr=0.2, batch_size=4, local_epochs=2, local_steps=0, optimizer="sgd", momentum=momentum, weight_decay=0.0)
+    mid = Mid(Mid.Params(beta=0.5, bottleneck=2))
+    sizes = [3, 9, 14]
+    datas = [TensorData(torch.randn(n, 6), torch.randint(0, 3, (n,)), 3) for n in sizes]
+    model = mid.wrap_model(tiny_model())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    generators = [torch_generator(7, "batches", c) for c in range(len(sizes))]
+    terms = [mid.batched_loss(model, g) for g in generators]
+    schedules = [batch_schedule(n, hp, g) for n, g in zip(sizes, generators)]
+    done = train_cohort(model, [start] * len(sizes), datas, schedules, hp, torch.device("cpu"), extra=terms)
+    for c, data in enumerate(datas):
+        inline = Mid(mid.params)
+        net = inline.wrap_model(tiny_model())
+        training = LocalTraining(len(data), hp.batch_size, hp.local_epochs, None, 1, 1, 0)
+        result = train_locally(net, data, hp, training, torch_generator(7, "batches", c), [inline], [{}])
+        assert result.batches == [b.tolist() for b in schedules[c]]
+        assert result.mean_loss == pytest.approx(done.mean_losses[c], abs=TOLERANCE)
+        assert inline.finish({})["mid_kl"] == pytest.approx(terms[c].metrics(done.term_means[c])["mid_kl"], abs=TOLERANCE)
+        for k, v in net.state_dict().items():
+            assert (v - done.params[c][k]).abs().max() <= TOLERANCE, (c, k)
+    moved = max((done.params[0][k] - start[k]).abs().max() for k in start)
+    assert moved > 0.01  # the clients trained
+
+
 def scenario(engine: str, out: Path, **extra: object) -> object:
     return build_scenario(
         {
@@ -89,7 +118,21 @@ def test_vectorized_run_matches_inline(tmp_path: Path) -> None:
             assert ca["train-loss"] == pytest.approx(cb["train-loss"], abs=1e-4)
 
 
+def test_vectorized_mid_run_matches_inline(tmp_path: Path) -> None:
+    """A whole MID run trains vectorised (no fallback) and reports the inline mean KL."""
+    mid = {"defenses": [{"name": "mid", "beta": 0.1}]}
+    assert fallback_reason(scenario("vectorized", tmp_path, **mid).public().to_yaml()) is None
+    for engine in ("inline", "vectorized"):
+        run_federation(scenario(engine, tmp_path, **mid), RunDirectory(tmp_path / engine))
+    inline, vectorized = rounds(tmp_path / "inline"), rounds(tmp_path / "vectorized")
+    for a, b in zip(inline, vectorized):
+        assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-4)
+        for ca, cb in zip(a["clients"], b["clients"]):
+            assert ca["train-loss"] == pytest.approx(cb["train-loss"], abs=1e-4)
+            assert ca["mid_kl"] == pytest.approx(cb["mid_kl"], abs=1e-4)
+
+
 def test_unsupported_scenarios_fall_back_with_reason(tmp_path: Path) -> None:
-    mid = scenario("vectorized", tmp_path, defenses=[{"name": "mid"}])
-    assert fallback_reason(mid.public().to_yaml()) == "Mid acts inside the inline training loop"
+    both = scenario("vectorized", tmp_path, defenses=[{"name": "mid"}, {"name": "dp_sgd", "noise_multiplier": 1.0}])
+    assert fallback_reason(both.public().to_yaml()) == "train-time defenses (Mid, DpSgd) compose only in the inline training loop"
     assert fallback_reason(scenario("vectorized", tmp_path).public().to_yaml()) is None

@@ -167,9 +167,16 @@ class TrainTimeDefense(Defense):
 
     def vectorized_refusal(self) -> str | None:
         """Why an engine that trains a cohort as one computation cannot run this defense
-        (None: it can, through `private_steps`). Default: the defense acts inside the inline
-        training loop (its `prepare`, `loss` and `finish`), so that engine trains inline."""
+        (None: it can, through `private_steps` or `batched_loss`). Default: the defense acts
+        inside the inline training loop (its `prepare`, `loss` and `finish`), so that engine
+        trains inline."""
         return f"{type(self).__name__} acts inside the inline training loop"
+
+    def batched_loss(self, model: nn.Module, generator: torch.Generator) -> BatchedLoss | None:
+        """This client's extra loss term for an engine that trains without `prepare` (the
+        vectorised one), its noise drawn from the client's batch `generator` as `prepare`
+        draws it, before the batches; None (the default): the defense adds no loss there."""
+        return None
 
     def private_steps(
         self, training: LocalTraining, generator: torch.Generator, device: torch.device
@@ -198,6 +205,26 @@ class PrivateSteps:
     expected_batch_size: int
     noise: torch.Generator
     record: Callable[[dict[str, Any]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class BatchedLoss:
+    """A train-time defense's loss term as a batched engine runs it (MID's KL), without Opacus
+    or `prepare`.
+
+    For each of its steps, in order, a client draws the noise its model's stochastic layers
+    use with `draw(batch_size)` (the stream the inline forward draws from). The engine hands a
+    step's noise to the model with `inject(model, noise)` before that step's forward (and
+    `inject(model, None)` after), adds `weight * term(model)` (one value per example, weighted
+    like the task loss) to the loss, and reports `metrics(step_means)`, from the batch mean of
+    `term` at each step, as the inline `finish` would.
+    """
+
+    draw: Callable[[int], torch.Tensor]
+    inject: Callable[[nn.Module, torch.Tensor | None], None]
+    term: Callable[[nn.Module], torch.Tensor]
+    weight: float
+    metrics: Callable[[list[float]], dict[str, float]]
 
 
 class UpdateTimeDefense(Defense):

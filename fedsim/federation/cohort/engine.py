@@ -61,7 +61,8 @@ def fallback_reason(scenario_yaml: str) -> str | None:
         return f"model '{scenario.model.name}' keeps buffers (e.g. batch-norm statistics)"
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         return f"model '{scenario.model.name}' draws dropout noise"
-    if not all(type(m).__module__.startswith(("torch.", "fedsim.models.classical")) for m in model.modules()):
+    plain = ("torch.", "fedsim.models.classical", *(type(d).__module__ for d in setup.train_defenses))
+    if not all(type(m).__module__.startswith(plain) for m in model.modules()):
         return f"model '{scenario.model.name}' is not a plain torch model"
     return None
 
@@ -136,9 +137,12 @@ class VectorizedGrid(GridView):
         if any(len(d) == 0 for d in datas):
             raise UserError("a client has no training examples; give every client data (data.partitioner) or use fewer clients")
         generators = [torch_generator(secret, "batches", server_round) for secret in secrets]
-        private = None
+        model = setup.new_model().to(setup.device)
+        private, extra = None, None
         if setup.train_defenses:  # one, whose vectorized_refusal() is None (fallback_reason)
             defense = setup.train_defenses[0]
+            terms = [defense.batched_loss(model, g) for g in generators]  # drawn before the batches
+            extra = None if None in terms else terms
             steps = [
                 defense.private_steps(local_training(setup, hp, len(d), secret, server_round), g, setup.device)
                 for d, secret, g in zip(datas, secrets, generators)
@@ -149,8 +153,7 @@ class VectorizedGrid(GridView):
         else:
             schedules = [p.batches for p in private]
         starts = [m.content["arrays"].to_torch_state_dict() for m in messages]
-        model = setup.new_model().to(setup.device)
-        done = train_cohort(model, starts, datas, schedules, hp, setup.device, private)
+        done = train_cohort(model, starts, datas, schedules, hp, setup.device, private, extra)
         scratch = setup.new_model()
         for c, (message, context, start, params, loss, schedule, data, pid, secret) in enumerate(
             zip(messages, contexts, starts, done.params, done.mean_losses, schedules, datas, pids, secrets)
@@ -161,6 +164,8 @@ class VectorizedGrid(GridView):
                 state = defense_state(context, 0)
                 metrics = private[c].record(state)
                 store_defense_state(context, 0, state)
+            if extra is not None:
+                metrics = extra[c].metrics(done.term_means[c])
             result = LocalResult(
                 num_examples=len(data),
                 steps=len(schedule),

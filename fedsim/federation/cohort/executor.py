@@ -10,7 +10,9 @@ proximal pull added to the gradient before the optimizer's weight decay, as ther
 
 DP-SGD (`PrivateSteps`, from the defense) replaces a step's mean gradient by Opacus's clipped,
 noised sum (`fedsim.federation.cohort.private`); Poisson batches of any size are padded to the
-largest one.
+largest one. A defense's `BatchedLoss` (MID's KL) adds its per-example term to the loss, with
+each client's model noise for every step drawn before training and handed to the model inside
+the `vmap`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedsim.core.defense import PrivateSteps
+from fedsim.core.defense import BatchedLoss, PrivateSteps
 from fedsim.federation.cohort.private import PrivateGradients
 from fedsim.data.datasets import TensorData
 from fedsim.federation.training import LocalHyperParams
@@ -44,10 +46,12 @@ def batch_schedule(num_examples: int, hp: LocalHyperParams, generator: torch.Gen
 
 @dataclass
 class CohortResult:
-    """Per client: trained parameters (on CPU), mean step loss, its step schedule."""
+    """Per client: trained parameters (on CPU), mean step loss, and the batch mean of the
+    `BatchedLoss` term at each of its steps (empty without one)."""
 
     params: list[dict[str, torch.Tensor]]
     mean_losses: list[float]
+    term_means: list[list[float]]
 
 
 def per_example_loss(output: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -68,9 +72,11 @@ def train_cohort(
     hp: LocalHyperParams,
     device: torch.device,
     private: list[PrivateSteps] | None = None,
+    extra: list[BatchedLoss] | None = None,
 ) -> CohortResult:
     """Train len(starts) clients from their start parameters on their data, in one batch
-    (DP-SGD steps where `private` gives each client's; then `schedules` are its batches)."""
+    (DP-SGD steps where `private` gives each client's; then `schedules` are its batches; the
+    loss term of `extra`, one per client, where given)."""
     names = [name for name, _ in model.named_parameters()]
     clients, steps = len(starts), max(map(len, schedules))
     longest_batch = max((len(b) for schedule in schedules for b in schedule), default=0)
@@ -91,12 +97,26 @@ def train_cohort(
     counts = [len(s) for s in schedules]
     active = (torch.arange(steps)[:, None] < torch.tensor(counts)).to(device)  # [steps, clients]: a
     # client takes step s (a Poisson batch may be empty: that step adds noise only)
+    noise = None if extra is None else model_noise(extra, schedules, width).to(device)
 
-    def loss_of(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-        per = per_example_loss(functional_call(model, p, (xb,)), yb, regression)
-        return (per * wb).sum() / wb.sum().clamp_min(1.0)
+    def loss_of(
+        p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor, eps: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted mean loss, and the weighted mean of the extra term (0 without one)."""
+        total = wb.sum().clamp_min(1.0)
+        if eps is None:
+            per = per_example_loss(functional_call(model, p, (xb,)), yb, regression)
+            return (per * wb).sum() / total, torch.zeros(())
+        term = extra[0]
+        term.inject(model, eps)
+        try:
+            per = per_example_loss(functional_call(model, p, (xb,)), yb, regression)
+            added = term.term(model)
+        finally:
+            term.inject(model, None)
+        return ((per + term.weight * added) * wb).sum() / total, (added * wb).sum() / total
 
-    step_grads = vmap(grad_and_value(loss_of))
+    step_grads = vmap(grad_and_value(loss_of, has_aux=True), in_dims=(0, 0, 0, 0, None if noise is None else 0))
     if private is not None:
         private_grads = PrivateGradients(model, x[0, :1], lambda out, yb: per_example_loss(out, yb, regression))
     rows = torch.arange(clients, device=device)[:, None]
@@ -105,10 +125,12 @@ def train_cohort(
     second = {k: torch.zeros_like(v) for k, v in params.items()} if moments == 2 else {}  # Adam's v
     taken = torch.zeros(clients, device=device)
     loss_sum = torch.zeros(clients, device=device)
+    term_means = []
     for s in range(steps):
         on, xb, yb, wb = active[s], x[rows, index[s]], y[rows, index[s]], weight[s]
         if private is None:
-            grads, losses = step_grads(params, xb, yb, wb)
+            grads, (losses, term_mean) = step_grads(params, xb, yb, wb, None if noise is None else noise[s])
+            term_means.append(term_mean.detach())
         else:
             grads, losses = private_grads(params, xb, yb, wb, on, private)
         loss_sum += torch.where(on, losses.detach(), 0.0)
@@ -140,7 +162,21 @@ def train_cohort(
             params[k] = kept(new, p)
         taken += on
     cpu = {k: v.cpu() for k, v in params.items()}
+    terms = torch.stack(term_means).T.tolist() if extra is not None else [[]] * clients  # [clients, steps]
     return CohortResult(
         params=[{k: v[c] for k, v in cpu.items()} for c in range(clients)],
         mean_losses=[float(l) / n for l, n in zip(loss_sum.cpu(), counts)],
+        term_means=[row[:n] for row, n in zip(terms, counts)],
     )
+
+
+def model_noise(extra: list[BatchedLoss], schedules: list[list[torch.Tensor]], width: int) -> torch.Tensor:
+    """[steps, clients, width, ...]: each client's model noise for each of its steps, drawn
+    from its own stream in step order, padded with zeros to the batch width."""
+    draws = [[term.draw(len(batch)) for batch in schedule] for term, schedule in zip(extra, schedules)]
+    shape = next(d for per_client in draws for d in per_client).shape[1:]
+    noise = torch.zeros(max(map(len, schedules)), len(schedules), width, *shape)
+    for c, per_client in enumerate(draws):
+        for s, eps in enumerate(per_client):
+            noise[s, c, : len(eps)] = eps
+    return noise
