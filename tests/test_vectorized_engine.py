@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from defenses.mid import Mid
 from fedsim.core.config import build_scenario
 from fedsim.core.defense import LocalTraining
 from fedsim.core.results import RunDirectory
 from fedsim.core.seeding import torch_generator
 from fedsim.data.datasets import TensorData
+from fedsim.defenses.mid import Mid
 from fedsim.federation.cohort.engine import fallback_reason
 from fedsim.federation.cohort.executor import batch_schedule, train_cohort
 from fedsim.federation.simulation import run_federation
