@@ -136,3 +136,20 @@ def test_unsupported_scenarios_fall_back_with_reason(tmp_path: Path) -> None:
     both = scenario("vectorized", tmp_path, defenses=[{"name": "mid"}, {"name": "dp_sgd", "noise_multiplier": 1.0}])
     assert fallback_reason(both.public().to_yaml()) == "train-time defenses (Mid, DpSgd) compose only in the inline training loop"
     assert fallback_reason(scenario("vectorized", tmp_path).public().to_yaml()) is None
+
+
+@pytest.mark.ray
+def test_ray_workers_give_the_in_process_numbers(tmp_path: Path) -> None:
+    """Shards of 3 clients on two Ray actors train as the in-process chunks of 3 do: the same
+    global model (test loss) and DP-SGD steps and epsilons (accounted on the driver), bit for bit."""
+    dp = {"defenses": [{"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}]}
+    runs = {}
+    for name, workers in (("local", 0), ("ray", 2)):
+        sim = {"engine": "vectorized", "max_clients_per_batch": 3, "ray_workers": workers}
+        run_federation(scenario("vectorized", tmp_path, simulation=sim, **dp), RunDirectory(tmp_path / name))
+        runs[name] = rounds(tmp_path / name)
+    for a, b in zip(runs["local"], runs["ray"]):
+        assert a["test_loss"] == b["test_loss"]
+        for key in ("local-steps", "epsilon"):
+            assert [c[key] for c in a["clients"]] == [c[key] for c in b["clients"]]
+    assert runs["ray"][-1]["clients"][0]["epsilon"] > runs["ray"][1]["clients"][0]["epsilon"] > 0

@@ -288,6 +288,13 @@ class SimulationConfig(Section):
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="where clients train; cuda falls back to cpu with a message"
     )
+    ray_workers: int = Field(
+        0,
+        ge=0,
+        le=10**4,
+        description="vectorized engine: Ray actors that each train a shard of the cohort, with "
+        "client_cpus / client_gpus each (0: train in this process)",
+    )
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch threads per client process")
     ray_discovery_timeout: float | None = Field(
@@ -350,6 +357,12 @@ class Scenario(Section):
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
         n = self.data.num_clients
+        if self.simulation.ray_workers and self.simulation.engine != "vectorized":
+            raise ValueError(
+                f"simulation.ray_workers={self.simulation.ray_workers} shards the vectorized "
+                f"engine's cohorts, but engine is '{self.simulation.engine}'; set engine: "
+                "vectorized, or ray_workers: 0"
+            )
         if self.federation.clients_per_round is not None and self.federation.clients_per_round > n:
             raise ValueError(
                 f"federation.clients_per_round={self.federation.clients_per_round} exceeds "

@@ -1,10 +1,12 @@
 """How a federation is executed: the one module that knows Flower's engines.
 
-Two engines run the same ServerApp (`fedsim.federation.server`) and ClientApp (`fedsim.federation.client`):
+Three engines run the same ServerApp (`fedsim.federation.server`) and ClientApp (`fedsim.federation.client`):
 
 - `inline`: `InlineGrid` calls the ClientApp directly in this process, node after node.
   No Ray start-up and no serialisation, so small studies and tests run in seconds; client
   exceptions surface with their own traceback.
+- `vectorized`: the inline engine's nodes, each round's train messages trained together
+  (`fedsim.federation.cohort`), in this process or in shards on `ray_workers` Ray actors.
 - `ray`: Flower's simulation engine (`flwr.simulation.run_simulation`, Ray backend) with
   `client_cpus` / fractional `client_gpus` per ClientApp, on a local Ray instance or an
   existing cluster (`ray_address`).
@@ -49,6 +51,7 @@ from fedsim.core.seeding import SECRET_KEY, client_secret
 from fedsim.federation.faults import FAULT_REASON
 from fedsim.federation.server import RoundCallback, make_server_app, serve
 from fedsim.federation.cohort.engine import VectorizedGrid
+from fedsim.federation.cohort.ray_workers import RayCohortWorkers
 
 log = logging.getLogger("fedsim")
 
@@ -153,10 +156,18 @@ def run_inline(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | 
 
 
 def run_vectorized(scenario: Scenario, run: RunDirectory, on_round: RoundCallback | None = None) -> None:
-    """The inline engine's nodes, with each round's train messages trained as one cohort."""
+    """The inline engine's nodes, with each round's train messages trained as one cohort (in
+    shards on `simulation.ray_workers` Ray actors, started once for the run, if above 0)."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     inline = InlineGrid(SecretNodes(client.app, scenario.client_secret_root), scenario.data.num_clients)
-    serve(VectorizedGrid(inline), scenario, run, on_round)
+    workers = None
+    if scenario.simulation.ray_workers:
+        workers = RayCohortWorkers(scenario.simulation.ray_workers, **ray_backend_config(scenario))
+    try:
+        serve(VectorizedGrid(inline, workers), scenario, run, on_round)
+    finally:
+        if workers is not None:
+            workers.close()
 
 
 def ray_backend_config(scenario: Scenario) -> dict[str, Any]:
@@ -179,11 +190,17 @@ def ray_backend_config(scenario: Scenario) -> dict[str, Any]:
 RAY_CONNECT_S = 5.0
 
 
+def uses_ray(scenario: Scenario) -> bool:
+    """Flower's Ray engine, or the vectorised engine's Ray workers."""
+    sim = scenario.simulation
+    return sim.engine == "ray" or (sim.engine == "vectorized" and sim.ray_workers > 0)
+
+
 def check_engine(scenario: Scenario) -> None:
     """Fail fast, naming the field, if `simulation.ray_address` names a cluster that does not
     answer (Ray itself retries for minutes). `auto` and `local` are Ray's to resolve."""
     address = scenario.simulation.ray_address
-    if scenario.simulation.engine != "ray" or address in (None, "auto", "local"):
+    if not uses_ray(scenario) or address in (None, "auto", "local"):
         return
     try:
         target = urlsplit(address if "://" in address else f"gcs://{address}")

@@ -10,12 +10,14 @@ Everything else (queries, evaluation, client actions, scenarios it cannot vector
 the inline Grid, with a one-line notice naming why. A train-time defense runs here only
 through its `private_steps` (DP-SGD: Poisson batches, per-example clipping, noise from the
 client's secret generator, the same accountant history in the node's state); any other, or
-more than one, trains inline.
+more than one, trains inline. With `simulation.ray_workers` the chunks train on Ray actors
+(`fedsim.federation.cohort.ray_workers`), one shard per actor, and the replies are built here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from functools import lru_cache
 from uuid import uuid4
@@ -24,11 +26,12 @@ import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from fedsim.core.errors import UserError
-from fedsim.core.seeding import node_secret, torch_generator
-from fedsim.federation.client import defense_state, local_training, partition_id, store_defense_state, train_reply
+from fedsim.core.seeding import node_secret
+from fedsim.federation.client import defense_state, partition_id, store_defense_state, train_reply
 from fedsim.federation.client_call import ClientSetup, client_setup
-from fedsim.federation.cohort.executor import batch_schedule, train_cohort
+from fedsim.federation.cohort.executor import CohortResult
+from fedsim.federation.cohort.plan import CohortPlan, ShardRequest, plan_cohort, train_shard
+from fedsim.federation.cohort.ray_workers import RayCohortWorkers
 from fedsim.federation.grid_view import GridView
 from fedsim.federation.protocol import SCENARIO_KEY
 from fedsim.federation.training import LocalHyperParams, LocalResult
@@ -86,10 +89,14 @@ def chunk_size(setup: ClientSetup, sample: LocalHyperParams) -> int:
 
 
 class VectorizedGrid(GridView):
-    """Trains the train messages of one push together; forwards everything else."""
+    """Trains the train messages of one push together; forwards everything else.
 
-    def __init__(self, inner: Grid) -> None:
+    With `workers` (Ray actors, `simulation.ray_workers`) each push's cohort is split into
+    one shard per worker (within `chunk_size`) and the shards train concurrently there."""
+
+    def __init__(self, inner: Grid, workers: RayCohortWorkers | None = None) -> None:
         super().__init__(inner)
+        self.workers = workers
         self.replies: dict[str, Message] = {}
         self._noticed: set[str] = set()
 
@@ -123,58 +130,58 @@ class VectorizedGrid(GridView):
         for (scenario_yaml, _), group in groups.items():
             setup = client_setup(scenario_yaml)
             size = chunk_size(setup, LocalHyperParams.from_config(group[0].content["config"]))
-            for start in range(0, len(group), size):
-                self._train(setup, group[start : start + size])
+            if self.workers is not None:
+                size = min(size, math.ceil(len(group) / len(self.workers.actors)))
+            chunks = [group[start : start + size] for start in range(0, len(group), size)]
+            self._train(scenario_yaml, setup, chunks)
         return ids
 
-    def _train(self, setup: ClientSetup, messages: list[Message]) -> None:
+    def _train(self, scenario_yaml: str, setup: ClientSetup, chunks: list[list[Message]]) -> None:
+        requests = [self._request(chunk) for chunk in chunks]
+        if self.workers is None:
+            for chunk, request in zip(chunks, requests):
+                self._reply(setup, chunk, request, *train_shard(setup, request))
+            return
+        plans = [plan_cohort(setup, setup.new_model(), request) for request in requests]  # checks data first
+        for chunk, request, plan, done in zip(chunks, requests, plans, self.workers.train(scenario_yaml, requests)):
+            self._reply(setup, chunk, request, plan, done)
+
+    def _request(self, messages: list[Message]) -> ShardRequest:
         contexts = [self.inner.contexts[m.metadata.dst_node_id] for m in messages]
         config = messages[0].content["config"]
-        hp, server_round = LocalHyperParams.from_config(config), int(config["server-round"])
-        pids = [partition_id(c) for c in contexts]
-        secrets = [node_secret(c) for c in contexts]
-        datas = [setup.data.client(pid)[0] for pid in pids]
-        if any(len(d) == 0 for d in datas):
-            raise UserError("a client has no training examples; give every client data (data.partitioner) or use fewer clients")
-        generators = [torch_generator(secret, "batches", server_round) for secret in secrets]
-        model = setup.new_model().to(setup.device)
-        private, extra = None, None
-        if setup.train_defenses:  # one, whose vectorized_refusal() is None (fallback_reason)
-            defense = setup.train_defenses[0]
-            terms = [defense.batched_loss(model, g) for g in generators]  # drawn before the batches
-            extra = None if None in terms else terms
-            steps = [
-                defense.private_steps(local_training(setup, hp, len(d), secret, server_round), g, setup.device)
-                for d, secret, g in zip(datas, secrets, generators)
-            ]
-            private = None if None in steps else steps
-        if private is None:
-            schedules = [batch_schedule(len(d), hp, g) for d, g in zip(datas, generators)]
-        else:
-            schedules = [p.batches for p in private]
-        starts = [m.content["arrays"].to_torch_state_dict() for m in messages]
-        done = train_cohort(model, starts, datas, schedules, hp, setup.device, private, extra)
+        return ShardRequest(
+            pids=[partition_id(c) for c in contexts],
+            secrets=[node_secret(c) for c in contexts],
+            starts=[m.content["arrays"].to_torch_state_dict() for m in messages],
+            hp=LocalHyperParams.from_config(config),
+            server_round=int(config["server-round"]),
+        )
+
+    def _reply(
+        self, setup: ClientSetup, messages: list[Message], request: ShardRequest, plan: CohortPlan, done: CohortResult
+    ) -> None:
+        """Each client's ordinary train reply, its DP-SGD steps accounted in its node state."""
         scratch = setup.new_model()
-        for c, (message, context, start, params, loss, schedule, data, pid, secret) in enumerate(
-            zip(messages, contexts, starts, done.params, done.mean_losses, schedules, datas, pids, secrets)
-        ):
-            scratch.load_state_dict({**start, **params})
+        for c, message in enumerate(messages):
+            context = self.inner.contexts[message.metadata.dst_node_id]
+            start, schedule = request.starts[c], plan.schedules[c]
+            scratch.load_state_dict({**start, **done.params[c]})
             metrics: dict[str, float] = {}
-            if private is not None:
+            if plan.private is not None:
                 state = defense_state(context, 0)
-                metrics = private[c].record(state)
+                metrics = plan.private[c].record(state)
                 store_defense_state(context, 0, state)
-            if extra is not None:
-                metrics = extra[c].metrics(done.term_means[c])
+            if plan.extra is not None:
+                metrics = plan.extra[c].metrics(done.term_means[c])
             result = LocalResult(
-                num_examples=len(data),
+                num_examples=len(plan.datas[c]),
                 steps=len(schedule),
-                mean_loss=loss,
+                mean_loss=done.mean_losses[c],
                 metrics=metrics,
                 batches=[b.tolist() for b in schedule],
             )
             self.replies[message.metadata.message_id] = train_reply(
-                message, setup, scratch, start, result, pid, secret
+                message, setup, scratch, start, result, request.pids[c], request.secrets[c]
             )
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
