@@ -1,9 +1,12 @@
 """Overhead of running local training through fedsim's Flower simulation.
 
 The same work (every client trains one local epoch of an MLP on its digits partition, FedAvg
-over 3 rounds) is timed three ways: a plain single-process Python loop, fedsim's inline
-engine (Flower ServerApp/ClientApp in one process) and Flower's Ray simulation engine
-(start-up included). Prints one table; not a test.
+over 3 rounds) is timed: a plain single-process Python loop, and fedsim's engines: inline
+(Flower ServerApp/ClientApp in one process), vectorized (the cohort trained as one batched
+computation), vectorized-ray (vectorized, in shards on `--ray-workers` Ray actors) and Flower's
+Ray simulation engine. Each is timed whole (start-up included) and per round: round 1 (with
+any Ray start-up) apart from the mean of the later rounds, whose ratio to the plain loop's
+later rounds is the per-round overhead. Prints one table; not a test.
 
 `--dp-sgd` trains every client with DP-SGD (noise 1.0, C 1.0, rdp accountant) in all three:
 the plain loop through Opacus (`train_locally` with the defense), the engines as configured.
@@ -12,6 +15,7 @@ the plain loop through Opacus (`train_locally` with the defense), the engines as
     python benchmarks/simulation_overhead.py --clients 10 --engines inline
     python benchmarks/simulation_overhead.py --clients 100 --engines inline vectorized --dp-sgd
     python benchmarks/simulation_overhead.py --case cross-device --engines inline vectorized
+    python benchmarks/simulation_overhead.py --clients 100 --engines vectorized vectorized-ray ray --ray-workers 2
 
 `--case cross-device` is pfl-research's CIFAR-10 shape on synthetic data: 1000 clients of 50
 32x32x3 images (and 1,000 test images the server evaluates on after every round; the plain
@@ -70,8 +74,14 @@ CASES = {
 }
 
 
-def scenario_for(case: str, clients: int, engine: str, out: Path, dp_sgd: bool = False) -> Scenario:
+ENGINES = ["inline", "vectorized", "vectorized-ray", "ray"]
+
+
+def scenario_for(case: str, clients: int, engine: str, out: Path, dp_sgd: bool = False, ray_workers: int = 2) -> Scenario:
     settings = CASES[case]
+    simulation = {"engine": engine}
+    if engine == "vectorized-ray":
+        simulation = {"engine": "vectorized", "ray_workers": ray_workers}
     return build_scenario(
         {
             "name": "overhead",
@@ -80,15 +90,16 @@ def scenario_for(case: str, clients: int, engine: str, out: Path, dp_sgd: bool =
             "training": settings["training"],
             "federation": settings["federation"],
             "observer": {"rounds": "none"},
-            "simulation": {"engine": engine},
+            "simulation": simulation,
             "output": {"dir": str(out), "save_model": False},
             "defenses": [DP_SGD] if dp_sgd else [],
         }
     )
 
 
-def in_child(measure: Callable[[], float]) -> tuple[float, float]:
-    """(seconds, peak resident GiB) of `measure()` run in a forked child process."""
+def in_child(measure: Callable[[], list[float]]) -> tuple[list[float], float]:
+    """(seconds at the end of each round, peak resident GiB) of `measure()` run in a forked
+    child process."""
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: measure, report, leave without running the parent's cleanup
@@ -105,14 +116,14 @@ def in_child(measure: Callable[[], float]) -> tuple[float, float]:
     return seconds, peak
 
 
-def plain_loop(scenario: Scenario) -> float:
+def plain_loop(scenario: Scenario) -> list[float]:
     """The same training as a bare loop: no Flower, no messages, no observer."""
     data = federated_data(scenario.data, scenario.seed)
     t = scenario.training
     hp = LocalHyperParams(t.lr, t.batch_size, t.local_epochs, 0, t.optimizer, t.momentum, t.weight_decay)
     defenses = client_setup(scenario.public().to_yaml()).train_defenses
     client_states: dict[int, list[dict]] = {pid: [{} for _ in defenses] for pid in range(scenario.data.num_clients)}
-    started = time.perf_counter()
+    started, ends = time.perf_counter(), []
     global_model = initial_model(scenario)
     for server_round in range(1, scenario.federation.rounds + 1):
         states, weights = [], []
@@ -131,20 +142,32 @@ def plain_loop(scenario: Scenario) -> float:
         global_model.load_state_dict(
             {k: sum(w * s[k] for w, s in zip(weights, states)) / total for k in states[0]}
         )
-    return time.perf_counter() - started
+        ends.append(time.perf_counter() - started)
+    return ends
 
 
-def through_fedsim(scenario: Scenario, out: Path) -> float:
-    started = time.perf_counter()
-    run_federation(scenario, RunDirectory(out / f"{scenario.simulation.engine}-{scenario.data.num_clients}"))
-    return time.perf_counter() - started
+def through_fedsim(scenario: Scenario, out: Path, label: str) -> list[float]:
+    started, ends = time.perf_counter(), []
+
+    def round_ended(record: dict) -> None:
+        if record["round"] >= 1:
+            ends.append(time.perf_counter() - started)
+
+    run_federation(scenario, RunDirectory(out / f"{label}-{scenario.data.num_clients}"), round_ended)
+    return ends
+
+
+def later_round_s(ends: list[float]) -> float:
+    """Mean seconds of the rounds after the first."""
+    return (ends[-1] - ends[0]) / (len(ends) - 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=list(CASES), default="digits")
     parser.add_argument("--clients", type=int, nargs="+", default=None, help="default: 10 and 100 (digits), 1000 (cross-device)")
-    parser.add_argument("--engines", nargs="+", default=["inline", "ray"], choices=["inline", "vectorized", "ray"])
+    parser.add_argument("--engines", nargs="+", default=["inline", "ray"], choices=ENGINES)
+    parser.add_argument("--ray-workers", type=int, default=2, help="vectorized-ray: Ray actors")
     parser.add_argument("--dp-sgd", action="store_true", help="every client trains with DP-SGD")
     args = parser.parse_args()
     set_threads(1)
@@ -159,15 +182,19 @@ def main() -> None:
                 federated_data(base.data, seed)  # load once, outside every timer (and every child)
             plain, plain_peak = in_child(partial(plain_loop, base))
             for engine in args.engines:
-                scenario = scenario_for(args.case, clients, engine, out, args.dp_sgd)
-                seconds, peak = in_child(partial(through_fedsim, scenario, out))
-                rows.append((clients, engine, plain, plain_peak, seconds, peak))
+                scenario = scenario_for(args.case, clients, engine, out, args.dp_sgd, args.ray_workers)
+                ends, peak = in_child(partial(through_fedsim, scenario, out, engine))
+                rows.append((clients, engine, plain, plain_peak, ends, peak))
     model, rounds = CASES[args.case]["model"], CASES[args.case]["federation"]["rounds"]
-    print(f"case {args.case} ({model}), {rounds} rounds, one thread; DP-SGD: {'on' if args.dp_sgd else 'off'}")
-    print(f"{'clients':>7}  {'engine':>10}  {'plain loop s':>12}  {'fedsim s':>9}  {'ratio':>6}  {'rounds/s':>8}  {'peak GiB plain / fedsim':>23}")
-    for clients, engine, plain, plain_peak, seconds, peak in rows:
-        print(f"{clients:>7}  {engine:>10}  {plain:>12.2f}  {seconds:>9.2f}  {seconds / plain:>6.2f}  "
-              f"{rounds / seconds:>8.2f}  {plain_peak:>11.2f} / {peak:.2f}")
+    print(f"case {args.case} ({model}), {rounds} rounds, one thread per process; DP-SGD: "
+          f"{'on' if args.dp_sgd else 'off'}; vectorized-ray: {args.ray_workers} workers; load {os.getloadavg()[0]:.2f}")
+    print(f"{'clients':>7}  {'engine':>14}  {'plain loop s':>12}  {'fedsim s':>9}  {'ratio':>6}  {'round 1 s':>9}  "
+          f"{'later s/round':>13}  {'later ratio':>11}  {'rounds/s':>8}  {'peak GiB plain / fedsim':>23}")
+    for clients, engine, plain, plain_peak, ends, peak in rows:
+        later = later_round_s(ends)
+        print(f"{clients:>7}  {engine:>14}  {plain[-1]:>12.2f}  {ends[-1]:>9.2f}  {ends[-1] / plain[-1]:>6.2f}  "
+              f"{ends[0]:>9.2f}  {later:>13.3f}  {later / later_round_s(plain):>11.2f}  "
+              f"{rounds / ends[-1]:>8.2f}  {plain_peak:>11.2f} / {peak:.2f}")
 
 
 if __name__ == "__main__":

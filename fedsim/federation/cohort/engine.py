@@ -88,6 +88,18 @@ def chunk_size(setup: ClientSetup, sample: LocalHyperParams) -> int:
     return max(1, int(free * CUDA_MEMORY_SHARE // per_client))
 
 
+def broadcast_starts(messages: list[Message]) -> list[dict[str, torch.Tensor]]:
+    """Each message's start parameters. A strategy broadcasts one ArrayRecord to the cohort:
+    it is decoded once, and the clients share the (read-only) tensors, which Ray then also
+    serialises once per shard."""
+    decoded: dict[int, dict[str, torch.Tensor]] = {}
+    for message in messages:
+        record = message.content["arrays"]
+        if id(record) not in decoded:
+            decoded[id(record)] = record.to_torch_state_dict()
+    return [decoded[id(m.content["arrays"])] for m in messages]
+
+
 class VectorizedGrid(GridView):
     """Trains the train messages of one push together; forwards everything else.
 
@@ -152,7 +164,7 @@ class VectorizedGrid(GridView):
         return ShardRequest(
             pids=[partition_id(c) for c in contexts],
             secrets=[node_secret(c) for c in contexts],
-            starts=[m.content["arrays"].to_torch_state_dict() for m in messages],
+            starts=broadcast_starts(messages),
             hp=LocalHyperParams.from_config(config),
             server_round=int(config["server-round"]),
         )
