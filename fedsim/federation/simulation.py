@@ -162,7 +162,9 @@ def run_vectorized(scenario: Scenario, run: RunDirectory, on_round: RoundCallbac
     inline = InlineGrid(SecretNodes(client.app, scenario.client_secret_root), scenario.data.num_clients)
     workers = None
     if scenario.simulation.ray_workers:
-        workers = RayCohortWorkers(scenario.simulation.ray_workers, **ray_backend_config(scenario))
+        workers = RayCohortWorkers(
+            scenario.simulation.ray_workers, scenario.public().to_yaml(), **ray_backend_config(scenario)
+        )
     try:
         serve(VectorizedGrid(inline, workers), scenario, run, on_round)
     finally:

@@ -177,7 +177,7 @@ class VectorizedGrid(GridView):
         for c, message in enumerate(messages):
             context = self.inner.contexts[message.metadata.dst_node_id]
             start, schedule = request.starts[c], plan.schedules[c]
-            scratch.load_state_dict({**start, **done.params[c]})
+            scratch.load_state_dict({**start, **done.client_params(c)})
             metrics: dict[str, float] = {}
             if plan.private is not None:
                 state = defense_state(context, 0)

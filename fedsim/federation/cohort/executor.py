@@ -46,12 +46,23 @@ def batch_schedule(num_examples: int, hp: LocalHyperParams, generator: torch.Gen
 
 @dataclass
 class CohortResult:
-    """Per client: trained parameters (on CPU), mean step loss, and the batch mean of the
-    `BatchedLoss` term at each of its steps (empty without one)."""
+    """The trained parameters, stacked on a leading client axis (on CPU: a few large tensors,
+    which is also what a Ray worker sends back cheaply), and per client the mean step loss and
+    the batch mean of the `BatchedLoss` term at each of its steps (empty without one)."""
 
-    params: list[dict[str, torch.Tensor]]
+    params: dict[str, torch.Tensor]
     mean_losses: list[float]
     term_means: list[list[float]]
+
+    def client_params(self, c: int) -> dict[str, torch.Tensor]:
+        """Client c's trained parameters (views into `params`)."""
+        return {k: v[c] for k, v in self.params.items()}
+
+
+def warm_up() -> None:
+    """Pay torch.func's one-time cost now: its first `vmap(grad(...))` imports torch._dynamo
+    (about 1 s), which a Ray worker then pays while starting, not in round 1."""
+    vmap(grad_and_value(lambda p: (p * p).sum()))(torch.ones(2, 1))
 
 
 def per_example_loss(output: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -164,7 +175,7 @@ def train_cohort(
     cpu = {k: v.cpu() for k, v in params.items()}
     terms = torch.stack(term_means).T.tolist() if extra is not None else [[]] * clients  # [clients, steps]
     return CohortResult(
-        params=[{k: v[c] for k, v in cpu.items()} for c in range(clients)],
+        params=cpu,
         mean_losses=[float(l) / n for l, n in zip(loss_sum.cpu(), counts)],
         term_means=[row[:n] for row, n in zip(terms, counts)],
     )
