@@ -10,12 +10,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from rich.console import Console
 
 from fedsim.core.config import FaultsConfig, Scenario, build_scenario
 from fedsim.core.results import FAILED, RunDirectory, atomic_write_json, read_record
 from fedsim.federation.faults import fault_strikes
+from fedsim.federation.observer import _finite
 from fedsim.federation.simulation import OneLineFaults
 from fedsim.pipeline.runner import run_scenario
 
@@ -181,3 +184,22 @@ def test_an_attack_skips_a_nan_update_of_a_finished_run(tmp_path: Path) -> None:
     results = run.attacks_dir / "dlg"
     assert read_record(results / "round_0001_client_0000.json")["skipped"] == "non-finite update"
     assert "psnr" in read_record(results / "round_0001_client_0001.json")
+
+
+@pytest.mark.parametrize(
+    ("array", "finite"),
+    [
+        (np.ones((3, 4), np.float32), True),
+        (np.asfortranarray(np.where(np.eye(3, 4) > 0, np.nan, 1.0).astype(np.float32)), False),
+        (np.array(np.inf, np.float32), False),
+        (np.array([1.0, -np.inf], ">f8"), False),  # big-endian
+        (np.ones(7, np.float16), True),
+        (np.ones((0, 3), np.float32), True),
+        (np.array([2**62, -1], np.int64), True),  # integers are never non-finite
+    ],
+)
+def test_finite_check_reads_the_stored_array(array: np.ndarray, finite: bool) -> None:
+    """The observer's in-place check agrees with decoding (NaN, infinities, any order, byte order)."""
+    record = ArrayRecord({"w": Array.from_numpy_ndarray(array)})
+    assert _finite(record) is finite
+    assert bool(np.isfinite(record["w"].numpy()).all()) is finite

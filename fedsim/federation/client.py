@@ -161,7 +161,8 @@ def train(message: Message, context: Context) -> Message:
     for defense in setup.train_defenses:
         model = defense.unwrap(model)
 
-    return train_reply(message, setup, model, global_state, result, pid, secret)
+    trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return train_reply(message, setup, trained, global_state, result, pid, secret)
 
 
 def local_training(
@@ -182,15 +183,16 @@ def local_training(
 def train_reply(
     message: Message,
     setup: ClientSetup,
-    model: torch.nn.Module,
+    trained: dict[str, torch.Tensor],
     global_state: dict[str, torch.Tensor],
     result: LocalResult,
     pid: int,
     secret: int,
 ) -> Message:
-    """The reply to a train message once local training is done (also the vectorised engine's)."""
+    """The reply to a train message once local training is done (also the vectorised engine's):
+    `trained` is the local model's state dict, on CPU, in the model's order."""
     scenario, server_round = setup.scenario, int(message.content["config"]["server-round"])
-    sent = defended_weights(setup, model, global_state, secret, server_round)
+    sent = defended_weights(setup, trained, global_state, secret, server_round)
     metrics = {
         "num-examples": result.num_examples,
         "unit-weight": 1,  # for strategies that weigh clients equally (client-level DP)
@@ -214,13 +216,12 @@ def train_reply(
 
 def defended_weights(
     setup: ClientSetup,
-    model: torch.nn.Module,
+    local: dict[str, torch.Tensor],
     global_state: dict[str, torch.Tensor],
     secret: int,
     server_round: int,
 ) -> dict[str, torch.Tensor]:
     """Global weights plus the update after every update-time defense has transformed it."""
-    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not setup.update_defenses:
         return local
     # in the model's own tensor order: the defenses draw their noise tensor by tensor

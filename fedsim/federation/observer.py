@@ -38,15 +38,17 @@ On disk (safetensors: tensors plus a JSON header, nothing executable is ever unp
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import ErrorCode, SType
 from flwr.serverapp import Grid
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
@@ -75,9 +77,22 @@ class RoundFailed(RuntimeError):
 
 
 def _finite(arrays: ArrayRecord) -> bool:
-    return all(
-        bool(torch.isfinite(t).all()) for t in arrays.to_torch_state_dict().values() if t.is_floating_point()
-    )
+    """No NaN or infinity in any floating-point array of `arrays`.
+
+    Each array is read in place: Flower stores it as an .npy file, whose raw data are its last
+    `size * itemsize` bytes (after the header; element order does not matter here), so the
+    check costs no decoding (np.load parses every header: a third of a 100-client round)."""
+    for array in arrays.values():
+        if array.stype != SType.NUMPY:
+            array.numpy()  # raises Flower's error for the unsupported serialisation
+        dtype = np.dtype(array.dtype)
+        if dtype.kind not in "fc":
+            continue
+        size = math.prod(array.shape)
+        values = np.frombuffer(array.data, dtype, count=size, offset=len(array.data) - size * dtype.itemsize)
+        if not np.isfinite(values).all():
+            return False
+    return True
 
 
 DISCOVERY_BASE_S, DISCOVERY_PER_CLIENT_S = 60.0, 2.0

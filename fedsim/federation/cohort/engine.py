@@ -173,11 +173,10 @@ class VectorizedGrid(GridView):
         self, setup: ClientSetup, messages: list[Message], request: ShardRequest, plan: CohortPlan, done: CohortResult
     ) -> None:
         """Each client's ordinary train reply, its DP-SGD steps accounted in its node state."""
-        scratch = setup.new_model()
         for c, message in enumerate(messages):
             context = self.inner.contexts[message.metadata.dst_node_id]
             start, schedule = request.starts[c], plan.schedules[c]
-            scratch.load_state_dict({**start, **done.client_params(c)})
+            trained = {**start, **done.client_params(c)}  # the model's order: no buffers (fallback_reason)
             metrics: dict[str, float] = {}
             if plan.private is not None:
                 state = defense_state(context, 0)
@@ -193,7 +192,7 @@ class VectorizedGrid(GridView):
                 batches=[b.tolist() for b in schedule],
             )
             self.replies[message.metadata.message_id] = train_reply(
-                message, setup, scratch, start, result, request.pids[c], request.secrets[c]
+                message, setup, trained, start, result, request.pids[c], request.secrets[c]
             )
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
