@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from fedsim.core.seeding import torch_generator
 from fedsim.data.datasets import TensorData
 from fedsim.defenses.mid import Mid
 from fedsim.federation.cohort.engine import fallback_reason
+from fedsim.federation.client_call import client_setup
 from fedsim.federation.cohort.executor import batch_schedule, train_cohort
+from fedsim.federation.cohort.plan import chunk_size
+from fedsim.federation.server import train_config
 from fedsim.federation.simulation import run_federation
 from fedsim.federation.training import LocalHyperParams, train_locally
 
@@ -153,3 +157,18 @@ def test_ray_workers_give_the_in_process_numbers(tmp_path: Path) -> None:
         for key in ("local-steps", "epsilon"):
             assert [c[key] for c in a["clients"]] == [c[key] for c in b["clients"]]
     assert runs["ray"][-1]["clients"][0]["epsilon"] > runs["ray"][1]["clients"][0]["epsilon"] > 0
+
+
+def test_cuda_chunks_follow_the_free_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA (faked here: only the memory query is), a chunk holds as many clients as a share
+    of the free memory fits: twice the memory, twice the clients; a full GPU still trains one."""
+    setup = client_setup(scenario("vectorized", tmp_path, simulation={"engine": "vectorized"}).public().to_yaml())
+    on_gpu = replace(setup, device=torch.device("cuda"))
+    hp = LocalHyperParams.from_config(train_config(setup.scenario))
+    sizes = {}
+    for free in (1, 2**26, 2**27):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2**34))
+        sizes[free] = chunk_size(on_gpu, hp)
+    assert sizes[1] == 1 and sizes[2**26] > 100
+    assert abs(sizes[2**27] - 2 * sizes[2**26]) <= 1
+    assert chunk_size(setup, hp) == 1 << 30  # CPU, no max_clients_per_batch: the whole cohort

@@ -1,8 +1,9 @@
 """`simulation.engine: vectorized`: a Grid that trains a round's cohort as one computation.
 
 It wraps the inline engine's Grid (`InlineGrid`: node contexts, the ClientApp) and takes the
-train messages the strategy sends together; each chunk of at most `max_clients_per_batch` of
-them is trained by `fedsim.federation.cohort.executor.train_cohort`, and every client gets the
+train messages the strategy sends together and trains them as one shard
+(`fedsim.federation.cohort.plan.train_shard`: chunks of at most `max_clients_per_batch`, or
+what fits the GPU, each one `fedsim.federation.cohort.executor.train_cohort`), and every client gets the
 ordinary reply the ClientApp would give (`fedsim.federation.client.train_reply`: update-time
 defenses, metrics, truth record), so the observer, strategies and attacks see what they see
 under the inline engine. Each client's batches still come from its own secret generator.
@@ -10,8 +11,8 @@ Everything else (queries, evaluation, client actions, scenarios it cannot vector
 the inline Grid, with a one-line notice naming why. A train-time defense runs here only
 through its `private_steps` (DP-SGD: Poisson batches, per-example clipping, noise from the
 client's secret generator, the same accountant history in the node's state); any other, or
-more than one, trains inline. With `simulation.ray_workers` the chunks train on Ray actors
-(`fedsim.federation.cohort.ray_workers`), one shard per actor, and the replies are built here.
+more than one, trains inline. With `simulation.ray_workers` the cohort is split into one shard
+per Ray actor (`fedsim.federation.cohort.ray_workers`); the replies are built here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from fedsim.federation.protocol import SCENARIO_KEY
 from fedsim.federation.training import LocalHyperParams, LocalResult
 
 log = logging.getLogger("fedsim")
-CUDA_MEMORY_SHARE = 0.5  # of the free GPU memory a chunk may plan for
 
 
 @lru_cache(maxsize=8)
@@ -70,24 +70,6 @@ def fallback_reason(scenario_yaml: str) -> str | None:
     return None
 
 
-def chunk_size(setup: ClientSetup, sample: LocalHyperParams) -> int:
-    """Clients per chunk: the scenario's `max_clients_per_batch`, else all on CPU, else what
-    fits in a share of the free CUDA memory (parameters, gradients, two optimizer moments,
-    anchor and padded data per client, plus a batch of activations guessed as 8x the input, and
-    under DP-SGD per-example gradients for a Poisson batch of up to twice the batch size)."""
-    limit = setup.scenario.simulation.max_clients_per_batch
-    if limit is not None or setup.device.type != "cuda":
-        return limit or 1 << 30
-    params = sum(p.numel() for p in setup.new_model().parameters()) * 4
-    data = setup.data.client(0)[0]
-    example = data.x[0].numel() * data.x.element_size()
-    per_client = 6 * params + 2 * len(data) * example + 8 * sample.batch_size * example
-    if setup.train_defenses:
-        per_client += 2 * sample.batch_size * params
-    free, _ = torch.cuda.mem_get_info(setup.device)
-    return max(1, int(free * CUDA_MEMORY_SHARE // per_client))
-
-
 def broadcast_starts(messages: list[Message]) -> list[dict[str, torch.Tensor]]:
     """Each message's start parameters. A strategy broadcasts one ArrayRecord to the cohort:
     it is decoded once, and the clients share the (read-only) tensors, which Ray then also
@@ -103,8 +85,9 @@ def broadcast_starts(messages: list[Message]) -> list[dict[str, torch.Tensor]]:
 class VectorizedGrid(GridView):
     """Trains the train messages of one push together; forwards everything else.
 
-    With `workers` (Ray actors, `simulation.ray_workers`) each push's cohort is split into
-    one shard per worker (within `chunk_size`) and the shards train concurrently there."""
+    Each push's cohort is one shard (trained in memory-bounded chunks, `train_shard`), or with
+    `workers` (Ray actors, `simulation.ray_workers`) one shard per worker, trained concurrently
+    there, each worker bounding its own chunks."""
 
     def __init__(self, inner: Grid, workers: RayCohortWorkers | None = None) -> None:
         super().__init__(inner)
@@ -140,12 +123,10 @@ class VectorizedGrid(GridView):
             hp = LocalHyperParams.from_config(config)
             groups.setdefault((str(config[SCENARIO_KEY]), repr(hp)), []).append(message)
         for (scenario_yaml, _), group in groups.items():
-            setup = client_setup(scenario_yaml)
-            size = chunk_size(setup, LocalHyperParams.from_config(group[0].content["config"]))
-            if self.workers is not None:
-                size = min(size, math.ceil(len(group) / len(self.workers.actors)))
+            shards = 1 if self.workers is None else len(self.workers.actors)
+            size = math.ceil(len(group) / shards)
             chunks = [group[start : start + size] for start in range(0, len(group), size)]
-            self._train(scenario_yaml, setup, chunks)
+            self._train(scenario_yaml, client_setup(scenario_yaml), chunks)
         return ids
 
     def _train(self, scenario_yaml: str, setup: ClientSetup, chunks: list[list[Message]]) -> None:

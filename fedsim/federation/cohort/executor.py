@@ -58,6 +58,15 @@ class CohortResult:
         """Client c's trained parameters (views into `params`)."""
         return {k: v[c] for k, v in self.params.items()}
 
+    @staticmethod
+    def concatenate(parts: list[CohortResult]) -> CohortResult:
+        """The results of consecutive chunks as one, in client order."""
+        return CohortResult(
+            params={k: torch.cat([p.params[k] for p in parts]) for k in parts[0].params},
+            mean_losses=[loss for p in parts for loss in p.mean_losses],
+            term_means=[means for p in parts for means in p.term_means],
+        )
+
 
 def warm_up() -> None:
     """Pay torch.func's one-time cost now: its first `vmap(grad(...))` imports torch._dynamo

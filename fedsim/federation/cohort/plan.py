@@ -6,6 +6,7 @@ defense steps exactly as the inline ClientApp would draw them (the batches from 
 secret "batches" generator, a train-time defense's draws before them). Because the plan is a
 function of the request, a Ray worker that trains a shard (`train_shard`) and the driver that
 builds the replies derive the same one without sending generators or closures over the wire.
+`train_shard` trains a shard in chunks that fit the device (`chunk_size`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from fedsim.federation.client import local_training
 from fedsim.federation.client_call import ClientSetup
 from fedsim.federation.cohort.executor import CohortResult, batch_schedule, train_cohort
 from fedsim.federation.training import LocalHyperParams
+
+CUDA_MEMORY_SHARE = 0.5  # of the free GPU memory a chunk may plan for
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,38 @@ def plan_cohort(setup: ClientSetup, model: nn.Module, request: ShardRequest) -> 
     return CohortPlan(datas, schedules, private, extra)
 
 
+def chunk_size(setup: ClientSetup, sample: LocalHyperParams) -> int:
+    """Clients per chunk: the scenario's `max_clients_per_batch`, else all on CPU, else what
+    fits in a share of the free CUDA memory (parameters, gradients, two optimizer moments,
+    anchor and padded data per client, plus a batch of activations guessed as 8x the input, and
+    under DP-SGD per-example gradients for a Poisson batch of up to twice the batch size)."""
+    limit = setup.scenario.simulation.max_clients_per_batch
+    if limit is not None or setup.device.type != "cuda":
+        return limit or 1 << 30
+    params = sum(p.numel() for p in setup.new_model().parameters()) * 4
+    data = setup.data.client(0)[0]
+    example = data.x[0].numel() * data.x.element_size()
+    per_client = 6 * params + 2 * len(data) * example + 8 * sample.batch_size * example
+    if setup.train_defenses:
+        per_client += 2 * sample.batch_size * params
+    free, _ = torch.cuda.mem_get_info(setup.device)
+    return max(1, int(free * CUDA_MEMORY_SHARE // per_client))
+
+
 def train_shard(setup: ClientSetup, request: ShardRequest) -> tuple[CohortPlan, CohortResult]:
-    """Plan and train one chunk of clients together on `setup.device`."""
+    """Plan the shard's clients and train them on `setup.device`, `chunk_size` at a time (on
+    the machine that trains them: a Ray worker bounds its own GPU's memory)."""
     model = setup.new_model().to(setup.device)
     plan = plan_cohort(setup, model, request)
-    done = train_cohort(model, request.starts, plan.datas, plan.schedules, request.hp, setup.device, plan.private, plan.extra)
-    return plan, done
+    size = chunk_size(setup, request.hp)
+    parts = []
+    for i in range(0, len(request.pids), size):
+        part = slice(i, i + size)
+        private = None if plan.private is None else plan.private[part]
+        extra = None if plan.extra is None else plan.extra[part]
+        parts.append(
+            train_cohort(
+                model, request.starts[part], plan.datas[part], plan.schedules[part], request.hp, setup.device, private, extra
+            )
+        )
+    return plan, CohortResult.concatenate(parts)
