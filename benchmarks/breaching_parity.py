@@ -64,7 +64,8 @@ it does without torchvision. Nothing here uses torchvision:
     /work/bvenv/bin/pip install -e /work/main --no-deps
     /work/bvenv/bin/pip install pydantic typer rich scikit-learn torchmetrics safetensors
 
-Run (about 5 minutes on 2 CPUs at the defaults: 288 to 295 s measured):
+Run (about 5 minutes on 2 CPUs at the defaults: 288 to 295 s measured; `--ig-iterations 24000
+--dlg-steps 0`, breaching's full IG budget, 29 min):
 
     /work/bvenv/bin/python benchmarks/breaching_parity.py [--ig-iterations 500 2000] [--dlg-steps 50 (0: IG only)]
 """
