@@ -16,6 +16,7 @@ the plain loop through Opacus (`train_locally` with the defense), the engines as
     python benchmarks/simulation_overhead.py --clients 100 --engines inline vectorized --dp-sgd
     python benchmarks/simulation_overhead.py --case cross-device --engines inline vectorized
     python benchmarks/simulation_overhead.py --clients 100 --engines vectorized vectorized-ray ray --ray-workers 2
+    python benchmarks/simulation_overhead.py --clients 100 --engines vectorized --profile 30   # where the time goes
 
 `--case cross-device` is pfl-research's CIFAR-10 shape on synthetic data: 1000 clients of 50
 32x32x3 images (and 1,000 test images the server evaluates on after every round; the plain
@@ -28,8 +29,10 @@ once before the fork, included).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import resource
 import tempfile
 import time
@@ -97,14 +100,19 @@ def scenario_for(case: str, clients: int, engine: str, out: Path, dp_sgd: bool =
     )
 
 
-def in_child(measure: Callable[[], list[float]]) -> tuple[list[float], float]:
+def in_child(measure: Callable[[], list[float]], profile: int = 0) -> tuple[list[float], float]:
     """(seconds at the end of each round, peak resident GiB) of `measure()` run in a forked
-    child process."""
+    child process; with `profile` the child prints that many of cProfile's top lines first."""
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: measure, report, leave without running the parent's cleanup
         os.close(reader)
-        seconds = measure()
+        if profile:
+            profiler = cProfile.Profile()
+            seconds = profiler.runcall(measure)
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(profile)
+        else:
+            seconds = measure()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         os.write(writer, json.dumps([seconds, peak]).encode())
         os._exit(0)
@@ -168,6 +176,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=None, help="default: 10 and 100 (digits), 1000 (cross-device)")
     parser.add_argument("--engines", nargs="+", default=["inline", "ray"], choices=ENGINES)
     parser.add_argument("--ray-workers", type=int, default=2, help="vectorized-ray: Ray actors")
+    parser.add_argument("--profile", type=int, default=0, metavar="LINES", help="print cProfile's top LINES per measurement (slower)")
     parser.add_argument("--dp-sgd", action="store_true", help="every client trains with DP-SGD")
     args = parser.parse_args()
     set_threads(1)
@@ -180,10 +189,10 @@ def main() -> None:
             base = scenario_for(args.case, clients, "inline", out, args.dp_sgd)
             for seed in {base.seed, base.public().seed}:  # the server's and the clients' view
                 federated_data(base.data, seed)  # load once, outside every timer (and every child)
-            plain, plain_peak = in_child(partial(plain_loop, base))
+            plain, plain_peak = in_child(partial(plain_loop, base), args.profile)
             for engine in args.engines:
                 scenario = scenario_for(args.case, clients, engine, out, args.dp_sgd, args.ray_workers)
-                ends, peak = in_child(partial(through_fedsim, scenario, out, engine))
+                ends, peak = in_child(partial(through_fedsim, scenario, out, engine), args.profile)
                 rows.append((clients, engine, plain, plain_peak, ends, peak))
     model, rounds = CASES[args.case]["model"], CASES[args.case]["federation"]["rounds"]
     print(f"case {args.case} ({model}), {rounds} rounds, one thread per process; DP-SGD: "
