@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cli_helpers import run_cli
+from fedsim.core.config import build_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
@@ -239,3 +240,11 @@ def test_set_reaches_into_a_plugin_given_by_name(tmp_path: Path) -> None:
     scenario = resolved(out)
     assert scenario["defenses"] == [{"name": "topk", "keep_fraction": 0.5, "scope": "per_tensor"}]
     assert [a["name"] for a in scenario["attacks"]] == ["dlg", "ig"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "scenarios").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_scenario_validates(path: Path) -> None:
+    """Each scenario file in scenarios/ builds (a sweep file's base scenario, under `scenario:`)."""
+    text = yaml.safe_load(path.read_text())
+    scenario = build_scenario(text["scenario"] if "scenario" in text else text)
+    assert scenario.name
